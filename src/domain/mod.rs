@@ -1,0 +1,124 @@
+//! What the agent knows about one domain, and how it is derived from libvirt's domain XML.
+//!
+//! Pure code: no libvirt, tokio or OpenTelemetry types. [`xml::parse_domain_xml`] reads the
+//! XML with a streaming quick-xml reader and stops as soon as it has what [`Wants`] asks for
+//! (libvirt writes name, uuid, metadata first, so the common case never tokenizes `<devices>`).
+
+use serde::Serialize;
+
+pub mod xml;
+pub use xml::{parse_domain_xml, XmlError};
+
+/// The KubeVirt metadata namespace URI.
+pub const KUBEVIRT_NS: &str = "http://kubevirt.io";
+
+/// Which hypervisor actually runs a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum HypervisorType {
+    #[serde(rename = "kvm")]
+    Kvm,
+    #[serde(rename = "qemu-tcg")]
+    QemuTcg,
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl HypervisorType {
+    pub const ALL: [HypervisorType; 3] = [Self::Kvm, Self::QemuTcg, Self::Unknown];
+
+    /// The `hypervisor_type` attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::QemuTcg => "qemu-tcg",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Classify the root `<domain type='…'>` attribute (contract §1).
+    pub fn from_domain_type(domain_type: Option<&str>) -> Self {
+        match domain_type {
+            Some("kvm") => Self::Kvm,
+            Some("qemu") => Self::QemuTcg,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for HypervisorType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the parser should look for beyond the always-needed header (type, name, uuid, metadata).
+/// Asking for less lets it stop earlier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// `<os><type arch='…' machine='…'>`.
+    pub os: bool,
+    /// `<devices><emulator>` (forces reading into `<devices>`).
+    pub emulator: bool,
+}
+
+/// KubeVirt metadata found in `<metadata><kubevirt xmlns="http://kubevirt.io">`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KubevirtMeta {
+    /// The VMI's `<uid>`, when present.
+    pub uid: Option<String>,
+}
+
+/// Facts read from one domain XML document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DomainFacts {
+    /// The raw root `type` attribute (`kvm`, `qemu`, `xen`, …).
+    pub domain_type: Option<String>,
+    pub hypervisor_type: HypervisorType,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    /// `Some` when the domain carries KubeVirt metadata, i.e. it is a VMI.
+    pub kubevirt: Option<KubevirtMeta>,
+    pub machine: Option<String>,
+    pub arch: Option<String>,
+    pub emulator: Option<String>,
+}
+
+impl DomainFacts {
+    /// Facts for a domain whose XML could not be read or parsed: only its identity is known.
+    pub fn unknown(name: Option<String>, uuid: Option<String>) -> Self {
+        Self {
+            domain_type: None,
+            hypervisor_type: HypervisorType::Unknown,
+            name,
+            uuid,
+            kubevirt: None,
+            machine: None,
+            arch: None,
+            emulator: None,
+        }
+    }
+}
+
+/// The exported identity of a domain (contract §1, "KubeVirt identity").
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Identity {
+    /// KubeVirt namespace; `None` for a plain libvirt domain.
+    pub namespace: Option<String>,
+    /// VMI name, or the libvirt domain name for a plain domain.
+    pub name: String,
+}
+
+impl Identity {
+    /// A domain with KubeVirt metadata is a VMI named `<namespace>_<vmi-name>`: split at the first
+    /// `_`. Without metadata (or without a usable `_`), it is a plain domain.
+    pub fn from_domain_name(domain_name: &str, is_kubevirt: bool) -> Self {
+        if is_kubevirt {
+            if let Some((ns, name)) = domain_name.split_once('_') {
+                if !ns.is_empty() && !name.is_empty() {
+                    return Self { namespace: Some(ns.to_string()), name: name.to_string() };
+                }
+            }
+        }
+        Self { namespace: None, name: domain_name.to_string() }
+    }
+}

@@ -1,0 +1,8 @@
+//! virt-hypervisor-agent: reports which hypervisor (KVM, QEMU TCG) runs every VM on a host.
+//!
+//! Data flows one way: the libvirt [`source`] turns lifecycle events into [`source::SourceEvent`]s,
+//! the agent applies them to the pure [`inventory`], and [`export`] reads inventory snapshots in
+//! an OpenTelemetry observable-gauge callback.
+
+pub mod config;
+pub mod domain;
