@@ -7,3 +7,5 @@
 pub mod config;
 pub mod domain;
 pub mod inventory;
+pub mod source;
+pub mod export;

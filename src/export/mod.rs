@@ -1,0 +1,330 @@
+//! OpenTelemetry export: the `kubevirt_vmi_hypervisor_info` observable gauge, the agent's
+//! self-metrics, the OTLP (gRPC, HTTP/protobuf) or stdout exporter, and push-on-change.
+//!
+//! Instrument callbacks run on the SDK's periodic-reader thread: they only take an inventory
+//! snapshot (an `Arc`, rebuilt only after a change) and read counters; they never call libvirt
+//! and never flush. Push on change is a single [`Flusher`] task: a change wakes it, it waits the
+//! debounce, then runs one `force_flush` on a blocking thread; changes during a flush coalesce
+//! into one more flush. A down collector therefore costs one blocked thread at most, never the
+//! event path, and memory stays bounded (the gauge is rebuilt from the inventory each time).
+
+pub mod otlp;
+pub mod resource;
+pub mod telemetry;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream};
+use tokio::sync::Notify;
+
+use crate::config::{AgentConfig, ExporterKind, OptionalAttributes};
+use crate::inventory::{DomainRecord, Inventory, Lifecycle};
+pub use telemetry::Telemetry;
+
+/// Meter (instrumentation scope) name.
+pub const METER_NAME: &str = "virt-hypervisor-agent";
+
+/// Why export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("building the OTLP exporter failed")]
+    Build(#[source] opentelemetry_otlp::ExporterBuildError),
+    #[error("reading TLS file {path}")]
+    TlsFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running export pipeline.
+#[derive(Debug)]
+pub struct Exporter {
+    provider: Option<SdkMeterProvider>,
+    wake: Arc<Notify>,
+}
+
+impl Exporter {
+    /// Build the meter provider and register every instrument. Must run inside a multi-thread
+    /// tokio runtime (the gRPC exporter spawns its channel worker on it).
+    pub fn start(
+        cfg: &AgentConfig,
+        node: &str,
+        inventory: Arc<Mutex<Inventory>>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self, ExportError> {
+        let resource = resource::build(node);
+        let metric_name = cfg.metric.name.clone();
+        let limit = cfg.metric.cardinality_limit;
+        let mut builder = SdkMeterProvider::builder().with_resource(resource).with_view(
+            move |inst: &Instrument| {
+                if inst.name() == metric_name {
+                    Stream::builder().with_cardinality_limit(limit).build().ok()
+                } else {
+                    None
+                }
+            },
+        );
+        let interval = export_interval(cfg);
+        match cfg.export.exporter {
+            ExporterKind::Otlp => {
+                let exporter = otlp::build(&cfg.export)?;
+                let mut reader = PeriodicReader::builder(exporter);
+                if let Some(i) = interval {
+                    reader = reader.with_interval(i);
+                }
+                builder = builder.with_reader(reader.build());
+            }
+            ExporterKind::Stdout => {
+                let mut reader = PeriodicReader::builder(opentelemetry_stdout::MetricExporter::default());
+                if let Some(i) = interval {
+                    reader = reader.with_interval(i);
+                }
+                builder = builder.with_reader(reader.build());
+            }
+            ExporterKind::None => {}
+        }
+        let provider = builder.build();
+        register_instruments(&provider, cfg, node, inventory, telemetry);
+        Ok(Self { provider: Some(provider), wake: Arc::new(Notify::new()) })
+    }
+
+    /// A handle that schedules a debounced push.
+    pub fn trigger(&self) -> PushTrigger {
+        PushTrigger { wake: Arc::clone(&self.wake) }
+    }
+
+    /// Spawn the push-on-change task (no-op when `debounce` is zero).
+    pub fn spawn_flusher(&self, debounce: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        if debounce.is_zero() {
+            return None;
+        }
+        let provider = self.provider.clone()?;
+        let wake = Arc::clone(&self.wake);
+        Some(tokio::spawn(async move {
+            let mut last_warn: Option<Instant> = None;
+            loop {
+                wake.notified().await;
+                tokio::time::sleep(debounce).await;
+                let p = provider.clone();
+                let started = Instant::now();
+                match tokio::task::spawn_blocking(move || p.force_flush()).await {
+                    Ok(Ok(())) => {
+                        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "pushed on change")
+                    }
+                    Ok(Err(e)) => {
+                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                            tracing::warn!(error = %e, "push to the collector failed (repeats are logged at most once a minute)");
+                            last_warn = Some(Instant::now());
+                        } else {
+                            tracing::debug!(error = %e, "push to the collector failed");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "push task failed"),
+                }
+            }
+        }))
+    }
+
+    /// Flush once more and shut the provider down, bounded by `deadline`.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let Some(provider) = self.provider.take() else { return };
+        let task = tokio::task::spawn_blocking(move || {
+            if let Err(e) = provider.force_flush() {
+                tracing::warn!(error = %e, "final flush failed");
+            }
+            if let Err(e) = provider.shutdown() {
+                tracing::debug!(error = %e, "meter provider shutdown reported an error");
+            }
+        });
+        if tokio::time::timeout(deadline, task).await.is_err() {
+            tracing::warn!("final flush did not finish within {deadline:?}; exiting anyway");
+        }
+    }
+}
+
+/// Cloneable handle that asks the flusher for a push.
+#[derive(Clone, Debug)]
+pub struct PushTrigger {
+    wake: Arc<Notify>,
+}
+
+impl PushTrigger {
+    pub fn push(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Explicit config interval, else `OTEL_METRIC_EXPORT_INTERVAL` (read by the SDK: `None`), else
+/// the agent's default of 30 s.
+fn export_interval(cfg: &AgentConfig) -> Option<Duration> {
+    if let Some(i) = cfg.export.interval {
+        return Some(i);
+    }
+    match std::env::var("OTEL_METRIC_EXPORT_INTERVAL") {
+        Ok(v) if v.trim().parse::<u64>().is_ok() => None,
+        _ => Some(crate::config::DEFAULT_EXPORT_INTERVAL),
+    }
+}
+
+/// The data-point attributes of one domain (contract §1).
+pub fn domain_attributes(
+    d: &DomainRecord,
+    node: &str,
+    opt: &OptionalAttributes,
+    hv_version: Option<&str>,
+    pod_uid: Option<&str>,
+) -> Vec<KeyValue> {
+    let mut kv = Vec::with_capacity(6);
+    if let Some(ns) = &d.identity.namespace {
+        kv.push(KeyValue::new("namespace", ns.clone()));
+    }
+    kv.push(KeyValue::new("name", d.identity.name.clone()));
+    kv.push(KeyValue::new("node", node.to_string()));
+    kv.push(KeyValue::new("hypervisor_type", d.hypervisor_type.as_str()));
+    if opt.domain {
+        kv.push(KeyValue::new("domain", d.domain_name.clone()));
+    }
+    if opt.uuid {
+        kv.push(KeyValue::new("uuid", d.uuid.clone()));
+    }
+    if opt.vmi_uid {
+        if let Some(uid) = d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()) {
+            kv.push(KeyValue::new("vmi_uid", uid));
+        }
+    }
+    if opt.machine {
+        if let Some(m) = &d.facts.machine {
+            kv.push(KeyValue::new("machine", m.clone()));
+        }
+    }
+    if opt.emulator {
+        if let Some(e) = &d.facts.emulator {
+            kv.push(KeyValue::new("emulator", e.clone()));
+        }
+    }
+    if opt.arch {
+        if let Some(a) = &d.facts.arch {
+            kv.push(KeyValue::new("arch", a.clone()));
+        }
+    }
+    if opt.hypervisor_version {
+        if let Some(v) = hv_version {
+            kv.push(KeyValue::new("hypervisor_version", v.to_string()));
+        }
+    }
+    if opt.pod_uid {
+        if let Some(p) = pod_uid {
+            kv.push(KeyValue::new("pod_uid", p.to_string()));
+        }
+    }
+    kv
+}
+
+fn register_instruments(
+    provider: &SdkMeterProvider,
+    cfg: &AgentConfig,
+    node: &str,
+    inventory: Arc<Mutex<Inventory>>,
+    telemetry: Arc<Telemetry>,
+) {
+    let meter = provider.meter(METER_NAME);
+    let node = node.to_string();
+    let opt = cfg.metric.attributes.clone();
+
+    let inv = Arc::clone(&inventory);
+    let tel = Arc::clone(&telemetry);
+    let _info = meter
+        .i64_observable_gauge(cfg.metric.name.clone())
+        .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg or unknown")
+        .with_callback(move |obs| {
+            let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+            let conns = tel.connection_meta();
+            for d in &snap.domains {
+                let meta = conns.get(&d.conn);
+                let attrs = domain_attributes(
+                    d,
+                    &node,
+                    &opt,
+                    meta.and_then(|m| m.hypervisor_version.as_deref()),
+                    meta.and_then(|m| m.pod_uid.as_deref()),
+                );
+                obs.observe(1, &attrs);
+            }
+        })
+        .build();
+
+    let inv = Arc::clone(&inventory);
+    let _domains = meter
+        .i64_observable_gauge("virt_hypervisor_agent_domains")
+        .with_description("Active domains known to the agent, by hypervisor type")
+        .with_callback(move |obs| {
+            let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+            for (t, n) in snap.count_by_type() {
+                obs.observe(n as i64, &[KeyValue::new("hypervisor_type", t.as_str())]);
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
+    let _up = meter
+        .i64_observable_gauge("virt_hypervisor_agent_connection_up")
+        .with_description("1 when the agent's libvirt connection is established, else 0")
+        .with_callback(move |obs| {
+            for m in tel.connection_meta().values() {
+                obs.observe(i64::from(m.up), &[KeyValue::new("connection", m.label.clone())]);
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
+    let _reconnects = meter
+        .u64_observable_counter("virt_hypervisor_agent_reconnects")
+        .with_description("Successful reconnections of a libvirt connection after it was lost")
+        .with_callback(move |obs| {
+            for m in tel.connection_meta().values() {
+                obs.observe(m.reconnects, &[KeyValue::new("connection", m.label.clone())]);
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
+    let _sync = meter
+        .f64_observable_gauge("virt_hypervisor_agent_last_sync_duration")
+        .with_unit("s")
+        .with_description("Duration of the last full resync of a connection")
+        .with_callback(move |obs| {
+            for m in tel.connection_meta().values() {
+                if let Some(d) = m.last_sync {
+                    obs.observe(d.as_secs_f64(), &[KeyValue::new("connection", m.label.clone())]);
+                }
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
+    let _events = meter
+        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events")
+        .with_description("Domain lifecycle events received from libvirt, by event type")
+        .with_callback(move |obs| {
+            for ev in Lifecycle::ALL {
+                obs.observe(tel.events(ev), &[KeyValue::new("event", ev.as_str())]);
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
+    let _errors = meter
+        .u64_observable_counter("virt_hypervisor_agent_xml_errors")
+        .with_description("Domain XML fetches or parses that failed, by kind (fetch, timeout, parse)")
+        .with_callback(move |obs| {
+            for (kind, n) in tel.xml_errors() {
+                obs.observe(n, &[KeyValue::new("kind", kind)]);
+            }
+        })
+        .build();
+    // Observable instruments stay registered with the provider after their handles drop.
+}

@@ -1,0 +1,108 @@
+//! The OTLP metric exporter, gRPC (tonic) or HTTP/protobuf.
+//!
+//! Settings left unset in the agent's config fall through to the standard variables the SDK
+//! reads itself (`OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, `…HEADERS`, `…TIMEOUT`,
+//! `…COMPRESSION`). The SDK ignores `OTEL_EXPORTER_OTLP_PROTOCOL` once a transport is chosen and
+//! does not implement the TLS certificate variables, so the agent reads those itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use opentelemetry_otlp::{
+    MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
+
+use super::ExportError;
+use crate::config::{Compression, ExportConfig, Protocol};
+
+/// The protocol in force: config, else `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else gRPC.
+pub fn protocol(cfg: &ExportConfig) -> Protocol {
+    if let Some(p) = cfg.protocol {
+        return p;
+    }
+    let var = std::env::var("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_default();
+    match var.trim() {
+        "http/protobuf" | "http" => Protocol::HttpProtobuf,
+        _ => Protocol::Grpc,
+    }
+}
+
+fn tls_path(cfg: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
+    cfg.clone().or_else(|| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from))
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
+    std::fs::read(path).map_err(|source| ExportError::TlsFile { path: path.display().to_string(), source })
+}
+
+/// Build the exporter. Must run inside a multi-thread tokio runtime.
+pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
+    let ca = tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+    let cert = tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE");
+    let key = tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY");
+    match protocol(cfg) {
+        Protocol::Grpc => {
+            let mut b = MetricExporter::builder().with_tonic();
+            if let Some(ep) = &cfg.endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            if let Some(t) = cfg.timeout {
+                b = b.with_timeout(t);
+            }
+            if let Some(c) = cfg.compression {
+                if c == Compression::Gzip {
+                    b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
+                }
+            }
+            if !cfg.headers.is_empty() {
+                let mut headers = http::HeaderMap::new();
+                for (k, v) in &cfg.headers {
+                    match (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v)) {
+                        (Ok(name), Ok(value)) => {
+                            headers.insert(name, value);
+                        }
+                        _ => tracing::warn!(header = %k, "ignoring export header that is not valid gRPC metadata"),
+                    }
+                }
+                let md = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
+                b = b.with_metadata(md);
+            }
+            if ca.is_some() || cert.is_some() {
+                use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+                let mut tls = ClientTlsConfig::new().with_webpki_roots();
+                if let Some(ca) = &ca {
+                    tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+                }
+                if let (Some(cert), Some(key)) = (&cert, &key) {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                b = b.with_tls_config(tls);
+            }
+            b.build().map_err(ExportError::Build)
+        }
+        Protocol::HttpProtobuf => {
+            let mut b = MetricExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+            if let Some(ep) = &cfg.endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            if let Some(t) = cfg.timeout {
+                b = b.with_timeout(t);
+            }
+            if let Some(c) = cfg.compression {
+                if c == Compression::Gzip {
+                    b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
+                }
+            }
+            if !cfg.headers.is_empty() {
+                let headers: HashMap<String, String> =
+                    cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                b = b.with_headers(headers);
+            }
+            b.build().map_err(ExportError::Build)
+        }
+    }
+}

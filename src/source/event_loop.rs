@@ -1,0 +1,113 @@
+//! The single libvirt event-loop thread.
+//!
+//! libvirt's default event implementation must be registered before any connection is opened
+//! and can never be unregistered, so registration happens once per process. The loop runs
+//! `virEventRunDefaultImpl` on one named thread; a periodic timeout wakes it so it notices a
+//! stop request. The thread body is wrapped so a panic is reported, not silently lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the loop wakes up without any libvirt activity (to notice a stop request).
+const WAKE_INTERVAL_MS: i32 = 200;
+
+static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct Running {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// Why the event loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("registering libvirt's default event implementation failed: {0}")]
+    Register(String),
+    #[error("adding the event-loop wake-up timer failed: {0}")]
+    Timer(String),
+    #[error("spawning the libvirt event-loop thread failed")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Register the default event implementation (once per process) and make sure the loop thread
+/// runs. Must be called before opening any connection. Idempotent.
+pub fn ensure_running() -> Result<(), EventLoopError> {
+    let registered = REGISTERED.get_or_init(|| {
+        // libvirt prints every error to stderr by default; the agent logs what matters itself.
+        virt::error::clear_error_callback();
+        virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
+        virt::event::event_add_timeout(WAKE_INTERVAL_MS, |_, _| {}, std::ptr::null_mut())
+            .map(|_| ())
+            .map_err(|e| format!("timer: {e}"))
+    });
+    if let Err(e) = registered {
+        return Err(if e.starts_with("timer: ") {
+            EventLoopError::Timer(e.clone())
+        } else {
+            EventLoopError::Register(e.clone())
+        });
+    }
+    let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+    if running.as_ref().is_some_and(|r| !r.thread.is_finished()) {
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("libvirt-events".into())
+        .spawn(move || run(stop_flag))
+        .map_err(EventLoopError::Spawn)?;
+    *running = Some(Running { stop, thread });
+    Ok(())
+}
+
+fn run(stop: Arc<AtomicBool>) {
+    tracing::debug!("libvirt event loop started");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut last_error_log: Option<Instant> = None;
+        while !stop.load(Ordering::Acquire) {
+            if let Err(e) = virt::event::event_run_default_impl() {
+                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                    last_error_log = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }));
+    match result {
+        Ok(()) => tracing::debug!("libvirt event loop stopped"),
+        Err(_) => tracing::error!("libvirt event loop thread panicked; events stop until restart"),
+    }
+}
+
+/// Stop the loop thread and wait for it up to `deadline`. Returns false if it did not stop in
+/// time (it is then left to die with the process).
+pub fn stop(deadline: Duration) -> bool {
+    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(running) = running else { return true };
+    running.stop.store(true, Ordering::Release);
+    let start = Instant::now();
+    while !running.thread.is_finished() {
+        if start.elapsed() > deadline {
+            tracing::warn!("libvirt event loop did not stop within {deadline:?}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = running.thread.join();
+    true
+}
+
+/// Whether the loop thread is alive (for health reporting).
+pub fn is_running() -> bool {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|r| !r.thread.is_finished())
+}
