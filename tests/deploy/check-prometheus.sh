@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Check the metrics pipeline files:
+#   otel/prometheus.yml                                   promtool check config
+#   deploy/prometheus/virt-hypervisor-agent.rules.yml     promtool check rules
+#   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
+#   the tests really depend on the freshness filter (mutation: strip it, tests must fail)
+#   otel/collector.yaml                                   structural check (no collector binary here)
+#   all of the above                                      yamllint
+set -euo pipefail
+# shellcheck source=tests/deploy/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+cd "$DEPLOY_ROOT"
+
+prom_cfg=otel/prometheus.yml
+rules=deploy/prometheus/virt-hypervisor-agent.rules.yml
+rules_test=deploy/prometheus/virt-hypervisor-agent.rules.test.yml
+collector=otel/collector.yaml
+
+need_debian_pkg promtool prometheus
+promtool --version 2>&1 | head -n1
+
+fail() { echo "check-prometheus: FAIL: $*" >&2; exit 1; }
+
+promtool check config "$prom_cfg" || fail "promtool check config $prom_cfg"
+promtool check rules "$rules" || fail "promtool check rules $rules"
+promtool test rules "$rules_test" || fail "promtool test rules $rules_test"
+
+# Mutation check: without the `time() - timestamp(x) < 90` freshness filters, several tests must
+# fail (stopped VMs / dropped connections would alert from their leftover samples). If they pass,
+# the tests no longer exercise the staleness behaviour.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cp "$rules_test" "$tmp/"
+python3 - "$rules" "$tmp/$(basename "$rules")" <<'PY'
+import re, sys
+src = open(sys.argv[1]).read()
+out, n = re.subn(r'\n[ \t]*and \(time\(\) - timestamp\([^\n]*\) < 90\)', '', src)
+if n < 5:
+    sys.exit(f"mutation: expected >= 5 freshness filters in {sys.argv[1]}, found {n}")
+open(sys.argv[2], 'w').write(out)
+PY
+if promtool test rules "$tmp/$(basename "$rules_test")" >"$tmp/mutant.log" 2>&1; then
+    fail "rule tests still pass with the freshness filters removed: they do not test staleness"
+fi
+echo "check-prometheus: mutation (freshness filters removed) is caught by the tests: ok"
+
+# Collector config: no otelcol binary can be installed here, so check its structure.
+bin=$(deploy_venv)
+"$bin/python" - "$collector" <<'PY' || fail "$collector"
+import sys, yaml
+path = sys.argv[1]
+c = yaml.safe_load(open(path))
+errs = []
+def get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+if get(c, 'receivers', 'otlp', 'protocols', 'grpc', 'endpoint') != '0.0.0.0:4317':
+    errs.append('otlp grpc endpoint must be 0.0.0.0:4317')
+if get(c, 'receivers', 'otlp', 'protocols', 'http', 'endpoint') != '0.0.0.0:4318':
+    errs.append('otlp http endpoint must be 0.0.0.0:4318')
+prw = get(c, 'exporters', 'prometheusremotewrite') or {}
+if not str(prw.get('endpoint', '')).endswith('/api/v1/write'):
+    errs.append('prometheusremotewrite endpoint must end with /api/v1/write')
+if get(prw, 'tls', 'insecure') is not True:
+    errs.append('prometheusremotewrite tls.insecure must be true for plain http')
+if get(prw, 'resource_to_telemetry_conversion', 'enabled') is None:
+    errs.append('resource_to_telemetry_conversion.enabled must be set explicitly')
+if get(c, 'exporters', 'debug') is None:
+    errs.append('a debug exporter must be defined (the debug toggle)')
+pipes = get(c, 'service', 'pipelines') or {}
+m = pipes.get('metrics')
+if not m:
+    errs.append('service.pipelines.metrics missing')
+else:
+    if m.get('receivers') != ['otlp']:
+        errs.append('metrics pipeline receivers must be [otlp]')
+    if (m.get('processors') or [])[:2] != ['memory_limiter', 'batch']:
+        errs.append('metrics pipeline processors must start memory_limiter, batch')
+    if 'prometheusremotewrite' not in (m.get('exporters') or []):
+        errs.append('metrics pipeline must export to prometheusremotewrite')
+for name, p in pipes.items():
+    if not name.startswith('metrics'):
+        errs.append(f'pipeline {name}: only metrics pipelines expected')
+    for kind in ('receivers', 'processors', 'exporters'):
+        for comp in p.get(kind) or []:
+            if get(c, kind, comp) is None and comp not in (c.get(kind) or {}):
+                errs.append(f'pipeline {name}: {kind[:-1]} {comp} is not defined')
+for ext in get(c, 'service', 'extensions') or []:
+    if ext not in (c.get('extensions') or {}):
+        errs.append(f'extension {ext} is not defined')
+if errs:
+    print('\n'.join(f'{path}: {e}' for e in errs), file=sys.stderr)
+    sys.exit(1)
+print(f'check-prometheus: {path}: structure ok (otlp 0.0.0.0:4317/4318 -> memory_limiter -> batch -> prometheusremotewrite)')
+PY
+
+"$bin/yamllint" -s -d "$DEPLOY_YAMLLINT_CONFIG" "$collector" "$prom_cfg" "$rules" "$rules_test" \
+    || fail "yamllint"
+echo "check-prometheus: yamllint: ok"
+echo "check-prometheus: PASS"
