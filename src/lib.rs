@@ -9,3 +9,4 @@ pub mod domain;
 pub mod inventory;
 pub mod source;
 pub mod export;
+pub mod agent;

@@ -381,6 +381,21 @@ impl Inventory {
         ResyncToken { conn, seq }
     }
 
+    /// Abandon a resync whose listing failed: nothing is applied.
+    pub fn abort_resync(&mut self, token: ResyncToken) {
+        if let Some(state) = self.conns.get_mut(&token.conn) {
+            state.resyncs.retain(|s| *s != token.seq);
+            if state.resyncs.is_empty() {
+                state.tombstones.clear();
+            }
+        }
+    }
+
+    /// The version of the exported state: changes exactly when a snapshot would differ.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Which listed domains need their XML read: unknown ones, a new incarnation (same UUID,
     /// other id), and ones whose last read failed. Everything else costs nothing.
     pub fn needs_fetch(&self, conn: ConnId, listing: &[DomainRef]) -> Vec<DomainRef> {

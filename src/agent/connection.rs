@@ -1,0 +1,327 @@
+//! One task per libvirt connection: connect (read-only, callbacks before listing), resync,
+//! apply events, fetch XML off the event-loop thread, and reconnect with backoff when lost.
+//!
+//! While a connection is down its domains stay exported (QEMU outlives libvirtd restarts); the
+//! resync after reconnecting corrects whatever changed meanwhile.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::Shared;
+use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
+use crate::source::ffi::Watched;
+use crate::source::libvirt::{self, Fetched};
+use crate::source::SourceEvent;
+
+/// What a connection task is given.
+#[derive(Clone, Debug)]
+pub struct ConnSpec {
+    pub id: ConnId,
+    pub uri: String,
+    pub pod_uid: Option<String>,
+}
+
+/// Per-connection context shared with its fetch and resync tasks.
+struct ConnCtx {
+    shared: Arc<Shared>,
+    spec: ConnSpec,
+    watched: Arc<Watched>,
+    permits: Arc<Semaphore>,
+}
+
+/// Run one connection until `stop` turns true. `first_sync` fires after the first resync
+/// (successful or not), for readiness.
+pub async fn supervise(
+    shared: Arc<Shared>,
+    spec: ConnSpec,
+    mut stop: watch::Receiver<bool>,
+    mut first_sync: Option<oneshot::Sender<()>>,
+) {
+    let cfg = &shared.cfg.libvirt;
+    let initial = cfg.reconnect.initial_backoff;
+    let max = cfg.reconnect.max_backoff;
+    let mut backoff = initial;
+    let mut ever_up = false;
+    let mut outage_logged = false;
+    let keepalive =
+        (cfg.keepalive_count > 0).then_some((cfg.keepalive_interval, cfg.keepalive_count));
+
+    'outer: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let uri = spec.uri.clone();
+        let opened = tokio::time::timeout(
+            cfg.fetch_timeout,
+            tokio::task::spawn_blocking(move || libvirt::open(&uri, keepalive, tx)),
+        )
+        .await;
+        let watched = match flatten(opened, "open") {
+            Ok(w) => Arc::new(w),
+            Err(why) => {
+                if outage_logged {
+                    tracing::debug!(uri = %spec.uri, error = %why, "libvirt still unavailable");
+                } else {
+                    tracing::warn!(uri = %spec.uri, error = %why, "libvirt connection unavailable; retrying with backoff");
+                    outage_logged = true;
+                }
+                shared.telemetry.set_up(spec.id, false, None);
+                if let Some(tx) = first_sync.take() {
+                    let _ = tx.send(());
+                }
+                let sleep = jitter(backoff);
+                backoff = (backoff * 2).min(max);
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => continue 'outer,
+                    _ = stop.changed() => break 'outer,
+                }
+            }
+        };
+        if ever_up {
+            shared.telemetry.count_reconnect(spec.id);
+            tracing::info!(uri = %spec.uri, "libvirt connection re-established; resyncing");
+        } else {
+            tracing::info!(uri = %spec.uri, "libvirt connection established");
+        }
+        ever_up = true;
+        outage_logged = false;
+        backoff = initial;
+        let w = Arc::clone(&watched);
+        let hv = tokio::task::spawn_blocking(move || libvirt::hypervisor_version(&w))
+            .await
+            .ok()
+            .flatten();
+        shared.telemetry.set_up(spec.id, true, hv);
+
+        let ctx = Arc::new(ConnCtx {
+            shared: Arc::clone(&shared),
+            spec: spec.clone(),
+            watched,
+            permits: Arc::new(Semaphore::new(shared.cfg.libvirt.fetch_concurrency.max(1))),
+        });
+        let mut resync_task: Option<tokio::task::JoinHandle<()>> =
+            Some(tokio::spawn(resync(Arc::clone(&ctx))));
+        let resync_every = shared.cfg.libvirt.resync_interval;
+        let mut ticker = tokio::time::interval(if resync_every.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            resync_every
+        });
+        ticker.tick().await; // the first tick is immediate: the initial resync is already running
+
+        let lost = loop {
+            tokio::select! {
+                _ = stop.changed() => break false,
+                ev = rx.recv() => match ev {
+                    Some(SourceEvent::Lifecycle { domain, event, detail }) => {
+                        tracing::debug!(uri = %spec.uri, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
+                        handle_event(&ctx, domain, event);
+                    }
+                    Some(SourceEvent::Closed { reason }) => {
+                        tracing::warn!(uri = %spec.uri, %reason, "libvirt connection lost; its domains stay exported until it is back");
+                        break true;
+                    }
+                    None => break true,
+                },
+                _ = ticker.tick(), if !resync_every.is_zero() => {
+                    if resync_task.as_ref().is_none_or(|t| t.is_finished()) {
+                        resync_task = Some(tokio::spawn(resync(Arc::clone(&ctx))));
+                    }
+                }
+                _ = async { match resync_task.as_mut() { Some(t) => { let _ = t.await; } None => std::future::pending().await } } => {
+                    resync_task = None;
+                    if let Some(tx) = first_sync.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        };
+        shared.telemetry.set_up(spec.id, false, None);
+        if let Some(t) = resync_task.take() {
+            t.abort();
+        }
+        // Deregistration and close are RPCs: keep them off the async workers.
+        let ctx_done = ctx;
+        let _ = tokio::task::spawn_blocking(move || drop(ctx_done));
+        if !lost {
+            break;
+        }
+        let sleep = jitter(initial);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    if let Some(tx) = first_sync.take() {
+        let _ = tx.send(());
+    }
+}
+
+/// Collapse timeout → join → libvirt results into one error string.
+fn flatten<T, E: std::fmt::Display>(
+    r: Result<Result<Result<T, E>, tokio::task::JoinError>, tokio::time::error::Elapsed>,
+    what: &str,
+) -> Result<T, String> {
+    match r {
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(format!("{what} task failed: {e}")),
+        Err(_) => Err(format!("{what} timed out")),
+    }
+}
+
+/// Up to ±25 % random jitter so a fleet does not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let f: f64 = rand::rng().random_range(0.75..1.25);
+    d.mul_f64(f)
+}
+
+fn handle_event(ctx: &Arc<ConnCtx>, domain: DomainRef, event: Lifecycle) {
+    let shared = &ctx.shared;
+    shared.telemetry.count_event(event);
+    let (req, changed) = {
+        let mut inv = shared.lock_inventory();
+        let before = inv.version();
+        let req = inv.apply_event(ctx.spec.id, domain, event);
+        (req, inv.version() != before)
+    };
+    if changed {
+        shared.push.push();
+    }
+    if let Some(req) = req {
+        tokio::spawn(fetch_and_apply(Arc::clone(ctx), req));
+    }
+}
+
+/// Read a domain's XML with the connection's concurrency bound and the fetch timeout.
+async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
+    let shared = &ctx.shared;
+    let Ok(permit) = Arc::clone(&ctx.permits).acquire_owned().await else {
+        return FetchOutcome::Failed;
+    };
+    let w = Arc::clone(&ctx.watched);
+    let wants = shared.wants;
+    let d = dom.clone();
+    // The permit lives as long as the blocking call, so a hung daemon uses at most
+    // `fetch_concurrency` threads, and only its own.
+    let task = tokio::task::spawn_blocking(move || {
+        let r = libvirt::fetch_domain(&w, &d, wants);
+        drop(permit);
+        r
+    });
+    match tokio::time::timeout(shared.cfg.libvirt.fetch_timeout, task).await {
+        Err(_) => {
+            shared.telemetry.count_xml_error("timeout");
+            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, "domain XML fetch timed out; exporting hypervisor_type=unknown until the next resync");
+            FetchOutcome::Failed
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "fetch task failed");
+            FetchOutcome::Failed
+        }
+        Ok(Ok(Fetched::Facts(f))) => FetchOutcome::Facts(f),
+        Ok(Ok(Fetched::Gone)) => {
+            tracing::debug!(uri = %ctx.spec.uri, domain = %dom.name, "domain gone before its XML was read");
+            FetchOutcome::Gone
+        }
+        Ok(Ok(Fetched::LibvirtError(msg))) => {
+            shared.telemetry.count_xml_error("fetch");
+            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, error = %msg, "reading domain XML failed; exporting hypervisor_type=unknown");
+            FetchOutcome::Failed
+        }
+        Ok(Ok(Fetched::ParseError(e))) => {
+            shared.telemetry.count_xml_error("parse");
+            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
+            FetchOutcome::Failed
+        }
+    }
+}
+
+async fn fetch_and_apply(ctx: Arc<ConnCtx>, req: FetchRequest) {
+    let outcome = fetch(&ctx, req.domain.clone()).await;
+    let changed = ctx.shared.lock_inventory().apply_fetch(&req, outcome);
+    if changed {
+        ctx.shared.push.push();
+    }
+}
+
+/// List active domains, read only the ones not already known, apply it all at once.
+async fn resync(ctx: Arc<ConnCtx>) {
+    let shared = &ctx.shared;
+    let id = ctx.spec.id;
+    let started = Instant::now();
+    let token = shared.lock_inventory().begin_resync(id);
+    let w = Arc::clone(&ctx.watched);
+    let listing = tokio::time::timeout(
+        shared.cfg.libvirt.fetch_timeout,
+        tokio::task::spawn_blocking(move || libvirt::list_active(&w)),
+    )
+    .await;
+    let listing = match flatten(listing, "listing") {
+        Ok(l) => l,
+        Err(why) => {
+            shared.lock_inventory().abort_resync(token);
+            tracing::warn!(uri = %ctx.spec.uri, error = %why, "resync failed");
+            return;
+        }
+    };
+    let need = shared.lock_inventory().needs_fetch(id, &listing);
+    let fetched_count = need.len();
+    let mut set = JoinSet::new();
+    for dom in need {
+        let c = Arc::clone(&ctx);
+        set.spawn(async move {
+            let outcome = fetch(&c, dom.clone()).await;
+            (dom.uuid, outcome)
+        });
+    }
+    let mut outcomes: HashMap<String, FetchOutcome> = HashMap::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok((uuid, o)) = r {
+            outcomes.insert(uuid, o);
+        }
+    }
+    let listed = listing.len();
+    let items = listing
+        .into_iter()
+        .map(|d| {
+            let o = outcomes.remove(&d.uuid);
+            (d, o)
+        })
+        .collect();
+    let report = shared.lock_inventory().finish_resync(token, items);
+    for req in report.fetches.iter().cloned() {
+        tokio::spawn(fetch_and_apply(Arc::clone(&ctx), req));
+    }
+    let elapsed = started.elapsed();
+    shared.telemetry.set_last_sync(id, elapsed);
+    if report.added + report.removed + report.replaced > 0 {
+        shared.push.push();
+    }
+    let level_info = report.added + report.removed + report.replaced > 0;
+    macro_rules! log_resync {
+        ($lvl:ident) => {
+            tracing::$lvl!(
+                uri = %ctx.spec.uri,
+                listed,
+                fetched = fetched_count,
+                added = report.added,
+                removed = report.removed,
+                replaced = report.replaced,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "resync done"
+            )
+        };
+    }
+    if level_info {
+        log_resync!(info);
+    } else {
+        log_resync!(debug);
+    }
+}
