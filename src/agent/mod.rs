@@ -246,5 +246,6 @@ pub async fn inventory_once(
             Err(_) => failures.push((uri.clone(), "timed out".to_string())),
         }
     }
+    let _ = tokio::task::spawn_blocking(|| event_loop::stop(Duration::from_millis(500))).await;
     Ok((inv.snapshot(), failures))
 }

@@ -20,6 +20,8 @@ static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
 struct Running {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
+    /// Agents using the loop; it stops when the last one releases it.
+    users: usize,
 }
 
 /// Why the event loop could not start.
@@ -34,7 +36,8 @@ pub enum EventLoopError {
 }
 
 /// Register the default event implementation (once per process) and make sure the loop thread
-/// runs. Must be called before opening any connection. Idempotent.
+/// runs. Must be called before opening any connection. Each call must be paired with one
+/// [`stop`]; the thread stops when the last user releases it.
 pub fn ensure_running() -> Result<(), EventLoopError> {
     let registered = REGISTERED.get_or_init(|| {
         // libvirt prints every error to stderr by default; the agent logs what matters itself.
@@ -52,7 +55,8 @@ pub fn ensure_running() -> Result<(), EventLoopError> {
         });
     }
     let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
-    if running.as_ref().is_some_and(|r| !r.thread.is_finished()) {
+    if let Some(r) = running.as_mut().filter(|r| !r.thread.is_finished()) {
+        r.users += 1;
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -61,7 +65,11 @@ pub fn ensure_running() -> Result<(), EventLoopError> {
         .name("libvirt-events".into())
         .spawn(move || run(stop_flag))
         .map_err(EventLoopError::Spawn)?;
-    *running = Some(Running { stop, thread });
+    *running = Some(Running {
+        stop,
+        thread,
+        users: 1,
+    });
     Ok(())
 }
 
@@ -85,10 +93,20 @@ fn run(stop: Arc<AtomicBool>) {
     }
 }
 
-/// Stop the loop thread and wait for it up to `deadline`. Returns false if it did not stop in
-/// time (it is then left to die with the process).
+/// Release one use of the loop; the last release stops the thread and waits for it up to
+/// `deadline`. Returns false if it did not stop in time (it is then left to die with the
+/// process).
 pub fn stop(deadline: Duration) -> bool {
-    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let running = {
+        let mut guard = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(r) if r.users > 1 => {
+                r.users -= 1;
+                return true;
+            }
+            _ => guard.take(),
+        }
+    };
     let Some(running) = running else { return true };
     running.stop.store(true, Ordering::Release);
     let start = Instant::now();

@@ -34,13 +34,8 @@ pub type LifecycleSink = Box<dyn Fn(RawLifecycle) + Send + Sync>;
 /// Receives the close reason (`VIR_CONNECT_CLOSE_REASON_*`) on the event-loop thread.
 pub type CloseSink = Box<dyn Fn(i32) + Send + Sync>;
 
-type LifecycleFn = unsafe extern "C" fn(
-    sys::virConnectPtr,
-    sys::virDomainPtr,
-    c_int,
-    c_int,
-    *mut c_void,
-) -> c_int;
+type LifecycleFn =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
 type GenericFn = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
 
 /// A read-only connection with its callbacks registered. Dropping it deregisters and closes.
@@ -56,10 +51,18 @@ pub struct Watched {
 impl Watched {
     /// Open `uri` read-only and register the close callback, then the lifecycle callback, before
     /// returning, so the caller lists domains only once events are already flowing.
-    pub fn open(uri: &str, on_event: LifecycleSink, on_close: CloseSink) -> Result<Self, VirtError> {
+    pub fn open(
+        uri: &str,
+        on_event: LifecycleSink,
+        on_close: CloseSink,
+    ) -> Result<Self, VirtError> {
         let conn = Connect::open_read_only(Some(uri))?;
-        let mut watched =
-            Watched { conn: Some(conn), lifecycle_id: None, close_registered: false, uri: uri.to_string() };
+        let mut watched = Watched {
+            conn: Some(conn),
+            lifecycle_id: None,
+            close_registered: false,
+            uri: uri.to_string(),
+        };
         let ptr = watched.raw();
 
         let close_opaque = Box::into_raw(Box::new(on_close));
@@ -87,7 +90,8 @@ impl Watched {
         // callers to cast (C's `VIR_DOMAIN_EVENT_CALLBACK`); it calls it back with the lifecycle
         // signature for `VIR_DOMAIN_EVENT_ID_LIFECYCLE`. Both are `extern "C"` function
         // pointers of the same size.
-        let generic = unsafe { std::mem::transmute::<LifecycleFn, GenericFn>(lifecycle_trampoline) };
+        let generic =
+            unsafe { std::mem::transmute::<LifecycleFn, GenericFn>(lifecycle_trampoline) };
         // SAFETY: `ptr` is live; a null domain means "all domains". The opaque is a leaked
         // `Box<LifecycleSink>` freed by libvirt through `free_lifecycle_sink` on deregistration.
         let id = unsafe {
@@ -196,7 +200,13 @@ unsafe extern "C" fn lifecycle_trampoline(
         let sink = unsafe { &*(opaque as *const LifecycleSink) };
         // SAFETY: `dom` is valid for the duration of the callback.
         let raw = unsafe { read_domain(dom) };
-        sink(RawLifecycle { uuid: raw.0, id: raw.1, name: raw.2, event, detail });
+        sink(RawLifecycle {
+            uuid: raw.0,
+            id: raw.1,
+            name: raw.2,
+            event,
+            detail,
+        });
     }));
     0
 }
@@ -208,7 +218,9 @@ unsafe fn read_domain(dom: sys::virDomainPtr) -> (String, Option<u32>, String) {
     // SAFETY: `buf` has the VIR_UUID_STRING_BUFLEN bytes libvirt writes (NUL included).
     let uuid = if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0 {
         // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
-        unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     } else {
         String::new()
     };
@@ -218,7 +230,9 @@ unsafe fn read_domain(dom: sys::virDomainPtr) -> (String, Option<u32>, String) {
         String::new()
     } else {
         // SAFETY: non-null, NUL-terminated, alive while `dom` is.
-        unsafe { CStr::from_ptr(name_ptr) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(name_ptr) }
+            .to_string_lossy()
+            .into_owned()
     };
     // SAFETY: `dom` is valid; returns (unsigned)-1 for an inactive domain.
     let id = unsafe { sys::virDomainGetID(dom) };
@@ -228,7 +242,11 @@ unsafe fn read_domain(dom: sys::virDomainPtr) -> (String, Option<u32>, String) {
 
 /// # Safety
 /// Called by libvirt with the opaque registered in [`Watched::open`].
-unsafe extern "C" fn close_trampoline(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
+unsafe extern "C" fn close_trampoline(
+    _conn: sys::virConnectPtr,
+    reason: c_int,
+    opaque: *mut c_void,
+) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         if opaque.is_null() {
             return;

@@ -31,15 +31,27 @@ pub fn open(
     let events = tx.clone();
     let on_event = Box::new(move |raw: RawLifecycle| {
         let event = Lifecycle::from_raw(raw.event);
-        let domain = DomainRef { uuid: raw.uuid, id: raw.id, name: raw.name };
+        let domain = DomainRef {
+            uuid: raw.uuid,
+            id: raw.id,
+            name: raw.name,
+        };
         // A closed receiver means the agent dropped this connection: nothing to do.
-        let _ = events.send(SourceEvent::Lifecycle { domain, event, detail: raw.detail });
+        let _ = events.send(SourceEvent::Lifecycle {
+            domain,
+            event,
+            detail: raw.detail,
+        });
     });
     let on_close = Box::new(move |reason: i32| {
-        let _ = tx.send(SourceEvent::Closed { reason: CloseReason::from_raw(reason) });
+        let _ = tx.send(SourceEvent::Closed {
+            reason: CloseReason::from_raw(reason),
+        });
     });
-    let watched = Watched::open(uri, on_event, on_close)
-        .map_err(|e| LibvirtError::Open { uri: uri.to_string(), message: e.message().to_string() })?;
+    let watched = Watched::open(uri, on_event, on_close).map_err(|e| LibvirtError::Open {
+        uri: uri.to_string(),
+        message: e.message().to_string(),
+    })?;
     if let (Some((interval, count)), Some(conn)) = (keepalive, watched.connect()) {
         let secs = interval.as_secs().clamp(1, i32::MAX as u64) as i32;
         if let Err(e) = conn.set_keep_alive(secs, count) {
@@ -86,7 +98,9 @@ pub enum Fetched {
 
 /// Look a domain up by UUID and read its live XML (flags 0: no secrets) and parse it.
 pub fn fetch_domain(watched: &Watched, dom: &DomainRef, wants: Wants) -> Fetched {
-    let Some(conn) = watched.connect() else { return Fetched::LibvirtError("connection closed".into()) };
+    let Some(conn) = watched.connect() else {
+        return Fetched::LibvirtError("connection closed".into());
+    };
     let domain = match conn.lookup_domain_by_uuid_string(&dom.uuid) {
         Ok(d) => d,
         Err(e) if is_gone(&e) => return Fetched::Gone,
@@ -119,5 +133,10 @@ pub fn hypervisor_version(watched: &Watched) -> Option<String> {
     if v == 0 {
         return None;
     }
-    Some(format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000))
+    Some(format!(
+        "{}.{}.{}",
+        v / 1_000_000,
+        (v / 1000) % 1000,
+        v % 1000
+    ))
 }

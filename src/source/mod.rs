@@ -17,7 +17,11 @@ use crate::inventory::{DomainRef, Lifecycle};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceEvent {
     /// A domain lifecycle transition.
-    Lifecycle { domain: DomainRef, event: Lifecycle, detail: i32 },
+    Lifecycle {
+        domain: DomainRef,
+        event: Lifecycle,
+        detail: i32,
+    },
     /// The connection closed (`VIR_CONNECT_CLOSE_REASON_*`).
     Closed { reason: CloseReason },
 }

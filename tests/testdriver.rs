@@ -1,0 +1,272 @@
+//! In-process integration against libvirt's test driver: the agent watches `test:///default`
+//! through its own read-only connection while a second, read-write connection in the same
+//! process defines, starts, suspends, resumes, destroys and undefines domains. The test
+//! driver's state is per process and its events reach every connection, so the inventory must
+//! follow every transition.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt_hypervisor_agent::agent::Agent;
+use virt_hypervisor_agent::config::{AgentConfig, ExporterKind};
+use virt_hypervisor_agent::domain::HypervisorType;
+use virt_hypervisor_agent::inventory::{DomainRecord, Inventory};
+
+const URI: &str = "test:///default";
+
+fn domain_xml(name: &str, uuid: &str, kind: &str, kubevirt_uid: Option<&str>) -> String {
+    let meta = kubevirt_uid
+        .map(|u| format!("<metadata><kubevirt xmlns=\"http://kubevirt.io\"><uid>{u}</uid></kubevirt></metadata>"))
+        .unwrap_or_default();
+    format!(
+        "<domain type='{kind}'><name>{name}</name><uuid>{uuid}</uuid>{meta}<memory unit='MiB'>32</memory>\
+         <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+    )
+}
+
+fn find(inv: &Arc<Mutex<Inventory>>, domain_name: &str) -> Option<Arc<DomainRecord>> {
+    let snap = inv.lock().unwrap().snapshot();
+    snap.domains
+        .iter()
+        .find(|d| d.domain_name == domain_name)
+        .cloned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+struct Running {
+    inventory: Arc<Mutex<Inventory>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Run an agent on its own runtime thread, watching `URI`, exporting nowhere.
+fn start_agent(resync: Duration) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut cfg = AgentConfig::default();
+    cfg.libvirt.uris = vec![URI.to_string()];
+    cfg.libvirt.resync_interval = resync;
+    cfg.export.exporter = ExporterKind::None;
+    cfg.node_name = "testdriver-node".into();
+    let (inv_tx, inv_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let agent = Agent::new(cfg).expect("agent builds");
+            inv_tx.send(agent.inventory()).unwrap();
+            agent
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .expect("agent runs");
+        });
+    });
+    let inventory = inv_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("agent started");
+    Running {
+        inventory,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+fn unique(prefix: &str) -> (String, String) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{prefix}-{}-{n}", std::process::id());
+    let uuid = format!(
+        "7e57d41e-0000-4000-8000-{:06x}{:06x}",
+        std::process::id() & 0xffffff,
+        n
+    );
+    (name, uuid)
+}
+
+fn controller() -> Connect {
+    Connect::open(Some(URI)).expect("read-write test driver connection")
+}
+
+#[test]
+fn inventory_follows_every_transition_of_the_test_driver() {
+    let agent = start_agent(Duration::from_secs(300));
+    let inv = &agent.inventory;
+    // The test driver's built-in running domain is found by the initial sync.
+    wait_until(
+        "initial sync lists the built-in 'test' domain",
+        Duration::from_secs(10),
+        || find(inv, "test").is_some(),
+    );
+
+    let conn = controller();
+    let (name, uuid) = unique("tcg");
+    let dom = conn
+        .define_domain_xml(&domain_xml(&name, &uuid, "qemu", None))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        find(inv, &name).is_none(),
+        "a defined (inactive) domain is not exported"
+    );
+
+    dom.create().unwrap();
+    let t = wait_until("started domain appears", Duration::from_secs(5), || {
+        find(inv, &name).is_some()
+    });
+    let rec = find(inv, &name).unwrap();
+    assert_eq!(rec.hypervisor_type, HypervisorType::QemuTcg);
+    assert_eq!(rec.identity.namespace, None);
+    assert_eq!(rec.identity.name, name);
+    assert_eq!(rec.uuid, uuid);
+    println!("start -> inventory: {t:?}");
+
+    dom.suspend().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        find(inv, &name).is_some(),
+        "suspended domain stays exported"
+    );
+
+    dom.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(find(inv, &name).is_some(), "resumed domain is exported");
+
+    dom.destroy().unwrap();
+    wait_until(
+        "destroyed domain disappears",
+        Duration::from_secs(5),
+        || find(inv, &name).is_none(),
+    );
+
+    dom.create().unwrap();
+    wait_until("restarted domain reappears", Duration::from_secs(5), || {
+        find(inv, &name).is_some()
+    });
+    dom.destroy().unwrap();
+    dom.undefine().unwrap();
+    wait_until("undefined domain is gone", Duration::from_secs(5), || {
+        find(inv, &name).is_none()
+    });
+}
+
+#[test]
+fn kubevirt_and_kvm_domains_are_classified_and_split() {
+    let agent = start_agent(Duration::from_secs(300));
+    let inv = &agent.inventory;
+    let conn = controller();
+    let (suffix, uuid) = unique("vmi");
+    let name = format!("team-a_{suffix}");
+    let dom = conn
+        .define_domain_xml(&domain_xml(&name, &uuid, "kvm", Some("1111-2222")))
+        .unwrap();
+    dom.create().unwrap();
+    wait_until("kubevirt domain appears", Duration::from_secs(5), || {
+        find(inv, &name).is_some()
+    });
+    let rec = find(inv, &name).unwrap();
+    assert_eq!(rec.hypervisor_type, HypervisorType::Kvm);
+    assert_eq!(rec.identity.namespace.as_deref(), Some("team-a"));
+    assert_eq!(rec.identity.name, suffix);
+    assert_eq!(
+        rec.facts.kubevirt.as_ref().and_then(|k| k.uid.as_deref()),
+        Some("1111-2222")
+    );
+    dom.destroy().unwrap();
+    dom.undefine().unwrap();
+    wait_until("kubevirt domain removed", Duration::from_secs(5), || {
+        find(inv, &name).is_none()
+    });
+}
+
+#[test]
+fn domains_running_before_the_agent_starts_are_found_by_the_initial_sync() {
+    let conn = controller();
+    let (name, uuid) = unique("early");
+    let dom = conn
+        .define_domain_xml(&domain_xml(&name, &uuid, "kvm", None))
+        .unwrap();
+    dom.create().unwrap();
+    let agent = start_agent(Duration::from_secs(300));
+    wait_until("pre-existing domain found", Duration::from_secs(10), || {
+        find(&agent.inventory, &name).is_some()
+    });
+    assert_eq!(
+        find(&agent.inventory, &name).unwrap().hypervisor_type,
+        HypervisorType::Kvm
+    );
+    dom.destroy().unwrap();
+    dom.undefine().unwrap();
+}
+
+#[test]
+fn rapid_start_stop_bursts_leave_no_phantom() {
+    let agent = start_agent(Duration::from_secs(300));
+    let inv = &agent.inventory;
+    let conn = controller();
+    let mut doms = Vec::new();
+    for _ in 0..10 {
+        let (name, uuid) = unique("burst");
+        let dom = conn
+            .define_domain_xml(&domain_xml(&name, &uuid, "qemu", None))
+            .unwrap();
+        doms.push((name, dom));
+    }
+    for _ in 0..5 {
+        for (_, d) in &doms {
+            d.create().unwrap();
+        }
+        for (_, d) in &doms {
+            d.destroy().unwrap();
+        }
+    }
+    // Leave every other one running.
+    for (_, d) in doms.iter().step_by(2) {
+        d.create().unwrap();
+    }
+    wait_until(
+        "inventory matches the running half",
+        Duration::from_secs(10),
+        || {
+            doms.iter()
+                .enumerate()
+                .all(|(i, (n, _))| find(inv, n).is_some() == (i % 2 == 0))
+        },
+    );
+    for (_, d) in &doms {
+        let _ = d.destroy();
+        let _ = d.undefine();
+    }
+    wait_until("all burst domains gone", Duration::from_secs(10), || {
+        doms.iter().all(|(n, _)| find(inv, n).is_none())
+    });
+}
