@@ -10,3 +10,4 @@ pub mod inventory;
 pub mod source;
 pub mod export;
 pub mod agent;
+pub mod discovery;

@@ -23,7 +23,34 @@ use crate::source::SourceEvent;
 pub struct ConnSpec {
     pub id: ConnId,
     pub uri: String,
+    /// Tried when `uri` cannot be opened (a launcher socket answering the system form).
+    pub fallback_uri: Option<String>,
+    /// KubeVirt pod UID of a discovered launcher socket.
     pub pod_uid: Option<String>,
+}
+
+/// Open the spec's URI, else its fallback; returns the URI that answered.
+async fn open_any(
+    spec: &ConnSpec,
+    keepalive: Option<(Duration, u32)>,
+    timeout: Duration,
+    tx: mpsc::UnboundedSender<SourceEvent>,
+) -> Result<(Watched, String), String> {
+    let mut errors = Vec::new();
+    for uri in std::iter::once(&spec.uri).chain(spec.fallback_uri.iter()) {
+        let u = uri.clone();
+        let t = tx.clone();
+        let opened = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || libvirt::open(&u, keepalive, t)),
+        )
+        .await;
+        match flatten(opened, "open") {
+            Ok(w) => return Ok((w, uri.clone())),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
 }
 
 /// Per-connection context shared with its fetch and resync tasks.
@@ -56,14 +83,13 @@ pub async fn supervise(
             break;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let uri = spec.uri.clone();
-        let opened = tokio::time::timeout(
-            cfg.fetch_timeout,
-            tokio::task::spawn_blocking(move || libvirt::open(&uri, keepalive, tx)),
-        )
-        .await;
-        let watched = match flatten(opened, "open") {
-            Ok(w) => Arc::new(w),
+        let watched = match open_any(&spec, keepalive, cfg.fetch_timeout, tx).await {
+            Ok((w, uri)) => {
+                if uri != spec.uri {
+                    tracing::debug!(uri = %uri, "connected through the fallback URI");
+                }
+                Arc::new(w)
+            }
             Err(why) => {
                 if outage_logged {
                     tracing::debug!(uri = %spec.uri, error = %why, "libvirt still unavailable");
@@ -225,7 +251,12 @@ async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
             tracing::error!(error = %e, "fetch task failed");
             FetchOutcome::Failed
         }
-        Ok(Ok(Fetched::Facts(f))) => FetchOutcome::Facts(f),
+        Ok(Ok(Fetched::Facts(f))) => {
+            if ctx.spec.pod_uid.is_some() && f.kubevirt.is_none() {
+                tracing::debug!(uri = %ctx.spec.uri, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
+            }
+            FetchOutcome::Facts(f)
+        }
         Ok(Ok(Fetched::Gone)) => {
             tracing::debug!(uri = %ctx.spec.uri, domain = %dom.name, "domain gone before its XML was read");
             FetchOutcome::Gone

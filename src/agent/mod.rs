@@ -133,6 +133,7 @@ impl Agent {
             let spec = ConnSpec {
                 id,
                 uri: uri.clone(),
+                fallback_uri: None,
                 pod_uid: None,
             };
             tasks.spawn(connection::supervise(
@@ -140,6 +141,15 @@ impl Agent {
                 spec,
                 stop_rx.clone(),
                 Some(tx),
+            ));
+        }
+
+        if cfg.libvirt.discover.enabled {
+            let first_id = cfg.libvirt.uris.len() as ConnId + 1;
+            tasks.spawn(crate::discovery::run(
+                Arc::clone(&shared),
+                stop_rx.clone(),
+                first_id,
             ));
         }
 

@@ -1,0 +1,153 @@
+//! KubeVirt mode: find every virt-launcher's libvirt socket and run one connection per socket.
+//!
+//! Each virt-launcher pod runs its own libvirt daemon whose runtime dir is the pod's
+//! `libvirt-runtime` emptyDir, seen on the host under
+//! `<kubelet_root>/pods/<pod-uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/` as
+//! `virtqemud-sock` (current KubeVirt) or `libvirt-sock` (older). Discovery re-globs when the
+//! file system says something changed under `<kubelet_root>/pods` (inotify through `notify`,
+//! debounced) and every `rescan_interval` as a safety net. A new socket gets a connection task;
+//! a socket that disappears (pod deleted) has its task stopped, its connection closed and its
+//! domains removed at once. A daemon that restarts while its socket stays is the connection
+//! task's business (reconnect with backoff, domains kept meanwhile).
+
+pub mod paths;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::agent::connection::{self, ConnSpec};
+use crate::agent::Shared;
+use crate::inventory::ConnId;
+
+/// Coalesce bursts of file-system events (a pod creates many files at once).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+struct Discovered {
+    id: ConnId,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Run discovery until `stop` turns true. Connection ids start at `first_id`.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id: ConnId) {
+    let cfg = shared.cfg.libvirt.discover.clone();
+    let globs = paths::absolute_globs(&cfg);
+    let pods_dir = cfg.kubelet_root.join("pods");
+    tracing::info!(globs = ?globs, "KubeVirt socket discovery started");
+    let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher: Option<notify::RecommendedWatcher> = None;
+    let mut next_id = first_id;
+    let mut known: BTreeMap<PathBuf, Discovered> = BTreeMap::new();
+
+    loop {
+        if watcher.is_none() {
+            watcher = watch_dir(&pods_dir, fs_tx.clone());
+        }
+        let g = globs.clone();
+        let found = tokio::task::spawn_blocking(move || paths::scan(&g))
+            .await
+            .unwrap_or_default();
+
+        // Sockets that went away: the pod was deleted.
+        let gone: Vec<PathBuf> = known
+            .keys()
+            .filter(|p| !found.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(d) = known.remove(&path) {
+                tracing::info!(socket = %path.display(), "launcher socket removed; dropping its connection and domains");
+                remove(&shared, d).await;
+            }
+        }
+        // New sockets.
+        for path in found {
+            if known.contains_key(&path) {
+                continue;
+            }
+            let id = next_id;
+            next_id += 1;
+            let (uri, fallback) = paths::socket_uris(&path);
+            let pod_uid = paths::pod_uid(&path);
+            tracing::info!(socket = %path.display(), pod_uid = ?pod_uid, "launcher socket found");
+            shared.telemetry.add_connection(id, &uri, pod_uid.clone());
+            let spec = ConnSpec {
+                id,
+                uri,
+                fallback_uri: Some(fallback),
+                pod_uid,
+            };
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(connection::supervise(Arc::clone(&shared), spec, rx, None));
+            known.insert(path, Discovered { id, stop: tx, task });
+        }
+
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(cfg.rescan_interval) => {}
+            ev = fs_rx.recv() => {
+                if ev.is_some() {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while fs_rx.try_recv().is_ok() {}
+                }
+            }
+        }
+    }
+    for (_, d) in std::mem::take(&mut known) {
+        let _ = d.stop.send(true);
+        let _ = d.task.await;
+    }
+    drop(watcher);
+}
+
+/// Stop a socket's connection task, then remove its domains and self-metrics.
+async fn remove(shared: &Arc<Shared>, d: Discovered) {
+    let _ = d.stop.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), d.task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(connection = d.id, "connection task did not stop in time");
+    }
+    let removed = shared.lock_inventory().remove_connection(d.id);
+    shared.telemetry.remove_connection(d.id);
+    if removed > 0 {
+        shared.push.push();
+    }
+}
+
+/// Watch `dir` recursively; every event pokes `tx`. `None` (logged) when it cannot be watched
+/// yet (the rescan interval still finds sockets, and watching is retried each rescan).
+fn watch_dir(
+    dir: &std::path::Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    if !dir.is_dir() {
+        tracing::debug!(dir = %dir.display(), "kubelet pods dir does not exist (yet)");
+        return None;
+    }
+    let mut w = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "file-system notifications unavailable; relying on periodic rescans");
+            return None;
+        }
+    };
+    match w.watch(dir, RecursiveMode::Recursive) {
+        Ok(()) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch kubelet pods dir; relying on periodic rescans");
+            None
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Pure helpers for launcher sockets: globs, pod UIDs, connection URIs.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::DiscoverConfig;
+
+/// The discovery globs as absolute patterns (relative ones are joined to the kubelet root).
+pub fn absolute_globs(cfg: &DiscoverConfig) -> Vec<String> {
+    cfg.globs
+        .iter()
+        .map(|g| {
+            if Path::new(g).is_absolute() {
+                g.clone()
+            } else {
+                cfg.kubelet_root.join(g).to_string_lossy().into_owned()
+            }
+        })
+        .collect()
+}
+
+/// The kubelet pod UID in a path such as
+/// `/var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock`.
+pub fn pod_uid(path: &Path) -> Option<String> {
+    let parts: Vec<&str> = path.iter().filter_map(|c| c.to_str()).collect();
+    parts
+        .windows(3)
+        .rev()
+        .find(|w| w[0] == "pods" && w[2] == "volumes")
+        .map(|w| w[1].to_string())
+        .filter(|uid| !uid.is_empty())
+}
+
+/// Connection URIs for a launcher socket: the session form first (what KubeVirt's non-root
+/// virtqemud answers), the system form as the fallback.
+pub fn socket_uris(path: &Path) -> (String, String) {
+    let p = path.to_string_lossy();
+    (
+        format!("qemu+unix:///session?socket={p}"),
+        format!("qemu+unix:///system?socket={p}"),
+    )
+}
+
+/// Every existing path matching any glob, sorted and de-duplicated.
+pub fn scan(globs: &[String]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for g in globs {
+        match glob::glob(g) {
+            Ok(paths) => out.extend(paths.filter_map(Result::ok)),
+            Err(e) => tracing::warn!(glob = %g, error = %e, "invalid discovery glob"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_uid_is_taken_from_the_kubelet_path() {
+        let p = Path::new("/var/lib/kubelet/pods/1b4e28ba-2fa1-11d2-883f-0016d3cca427/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock");
+        assert_eq!(
+            pod_uid(p).as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+    }
+
+    #[test]
+    fn pod_uid_works_under_a_custom_kubelet_root_that_contains_pods() {
+        let p = Path::new("/srv/pods/kubelet/pods/abc/volumes/kubernetes.io~empty-dir/libvirt-runtime/libvirt-sock");
+        assert_eq!(pod_uid(p).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn pod_uid_is_none_outside_the_kubelet_layout() {
+        assert_eq!(pod_uid(Path::new("/run/libvirt/libvirt-sock")), None);
+        assert_eq!(pod_uid(Path::new("/var/lib/kubelet/pods")), None);
+    }
+
+    #[test]
+    fn relative_globs_are_joined_to_the_kubelet_root_and_absolute_ones_kept() {
+        let cfg = DiscoverConfig {
+            kubelet_root: PathBuf::from("/k"),
+            globs: vec!["pods/*/x".into(), "/abs/*/y".into()],
+            ..DiscoverConfig::default()
+        };
+        assert_eq!(
+            absolute_globs(&cfg),
+            vec!["/k/pods/*/x".to_string(), "/abs/*/y".to_string()]
+        );
+    }
+
+    #[test]
+    fn default_globs_match_both_kubevirt_socket_names_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiscoverConfig {
+            kubelet_root: dir.path().to_path_buf(),
+            ..DiscoverConfig::default()
+        };
+        let mk = |uid: &str, sock: &str| {
+            let d = dir
+                .path()
+                .join("pods")
+                .join(uid)
+                .join("volumes/kubernetes.io~empty-dir/libvirt-runtime");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(sock), b"").unwrap();
+            d.join(sock)
+        };
+        let a = mk("pod-a", "virtqemud-sock");
+        let b = mk("pod-b", "libvirt-sock");
+        mk("pod-c", "virtlogd-sock");
+        let other = dir
+            .path()
+            .join("pods/pod-d/volumes/kubernetes.io~empty-dir/other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("virtqemud-sock"), b"").unwrap();
+        assert_eq!(scan(&absolute_globs(&cfg)), vec![a, b]);
+    }
+
+    #[test]
+    fn socket_uris_offer_session_then_system() {
+        let (s, f) = socket_uris(Path::new("/p/virtqemud-sock"));
+        assert_eq!(s, "qemu+unix:///session?socket=/p/virtqemud-sock");
+        assert_eq!(f, "qemu+unix:///system?socket=/p/virtqemud-sock");
+    }
+
+    #[test]
+    fn invalid_glob_is_skipped_not_fatal() {
+        assert!(scan(&["/tmp/[".to_string()]).is_empty());
+    }
+}
