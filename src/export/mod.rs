@@ -59,15 +59,15 @@ impl Exporter {
         let resource = resource::build(node);
         let metric_name = cfg.metric.name.clone();
         let limit = cfg.metric.cardinality_limit;
-        let mut builder = SdkMeterProvider::builder().with_resource(resource).with_view(
-            move |inst: &Instrument| {
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_view(move |inst: &Instrument| {
                 if inst.name() == metric_name {
                     Stream::builder().with_cardinality_limit(limit).build().ok()
                 } else {
                     None
                 }
-            },
-        );
+            });
         let interval = export_interval(cfg);
         match cfg.export.exporter {
             ExporterKind::Otlp => {
@@ -79,7 +79,8 @@ impl Exporter {
                 builder = builder.with_reader(reader.build());
             }
             ExporterKind::Stdout => {
-                let mut reader = PeriodicReader::builder(opentelemetry_stdout::MetricExporter::default());
+                let mut reader =
+                    PeriodicReader::builder(opentelemetry_stdout::MetricExporter::default());
                 if let Some(i) = interval {
                     reader = reader.with_interval(i);
                 }
@@ -89,12 +90,17 @@ impl Exporter {
         }
         let provider = builder.build();
         register_instruments(&provider, cfg, node, inventory, telemetry);
-        Ok(Self { provider: Some(provider), wake: Arc::new(Notify::new()) })
+        Ok(Self {
+            provider: Some(provider),
+            wake: Arc::new(Notify::new()),
+        })
     }
 
     /// A handle that schedules a debounced push.
     pub fn trigger(&self) -> PushTrigger {
-        PushTrigger { wake: Arc::clone(&self.wake) }
+        PushTrigger {
+            wake: Arc::clone(&self.wake),
+        }
     }
 
     /// Spawn the push-on-change task (no-op when `debounce` is zero).
@@ -113,7 +119,10 @@ impl Exporter {
                 let started = Instant::now();
                 match tokio::task::spawn_blocking(move || p.force_flush()).await {
                     Ok(Ok(())) => {
-                        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "pushed on change")
+                        tracing::debug!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "pushed on change"
+                        )
                     }
                     Ok(Err(e)) => {
                         if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
@@ -131,7 +140,9 @@ impl Exporter {
 
     /// Flush once more and shut the provider down, bounded by `deadline`.
     pub async fn shutdown(mut self, deadline: Duration) {
-        let Some(provider) = self.provider.take() else { return };
+        let Some(provider) = self.provider.take() else {
+            return;
+        };
         let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = provider.force_flush() {
                 tracing::warn!(error = %e, "final flush failed");
@@ -275,7 +286,10 @@ fn register_instruments(
         .with_description("1 when the agent's libvirt connection is established, else 0")
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
-                obs.observe(i64::from(m.up), &[KeyValue::new("connection", m.label.clone())]);
+                obs.observe(
+                    i64::from(m.up),
+                    &[KeyValue::new("connection", m.label.clone())],
+                );
             }
         })
         .build();
@@ -286,7 +300,10 @@ fn register_instruments(
         .with_description("Successful reconnections of a libvirt connection after it was lost")
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
-                obs.observe(m.reconnects, &[KeyValue::new("connection", m.label.clone())]);
+                obs.observe(
+                    m.reconnects,
+                    &[KeyValue::new("connection", m.label.clone())],
+                );
             }
         })
         .build();
@@ -299,7 +316,10 @@ fn register_instruments(
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
                 if let Some(d) = m.last_sync {
-                    obs.observe(d.as_secs_f64(), &[KeyValue::new("connection", m.label.clone())]);
+                    obs.observe(
+                        d.as_secs_f64(),
+                        &[KeyValue::new("connection", m.label.clone())],
+                    );
                 }
             }
         })
@@ -319,7 +339,9 @@ fn register_instruments(
     let tel = Arc::clone(&telemetry);
     let _errors = meter
         .u64_observable_counter("virt_hypervisor_agent_xml_errors")
-        .with_description("Domain XML fetches or parses that failed, by kind (fetch, timeout, parse)")
+        .with_description(
+            "Domain XML fetches or parses that failed, by kind (fetch, timeout, parse)",
+        )
         .with_callback(move |obs| {
             for (kind, n) in tel.xml_errors() {
                 obs.observe(n, &[KeyValue::new("kind", kind)]);

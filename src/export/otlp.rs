@@ -8,9 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use opentelemetry_otlp::{
-    MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
 
 use super::ExportError;
 use crate::config::{Compression, ExportConfig, Protocol};
@@ -30,11 +28,18 @@ pub fn protocol(cfg: &ExportConfig) -> Protocol {
 }
 
 fn tls_path(cfg: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
-    cfg.clone().or_else(|| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from))
+    cfg.clone().or_else(|| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
-    std::fs::read(path).map_err(|source| ExportError::TlsFile { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| ExportError::TlsFile {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Build the exporter. Must run inside a multi-thread tokio runtime.
@@ -59,18 +64,26 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
             if !cfg.headers.is_empty() {
                 let mut headers = http::HeaderMap::new();
                 for (k, v) in &cfg.headers {
-                    match (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v)) {
+                    match (
+                        http::HeaderName::from_bytes(k.as_bytes()),
+                        http::HeaderValue::from_str(v),
+                    ) {
                         (Ok(name), Ok(value)) => {
                             headers.insert(name, value);
                         }
-                        _ => tracing::warn!(header = %k, "ignoring export header that is not valid gRPC metadata"),
+                        _ => {
+                            tracing::warn!(header = %k, "ignoring export header that is not valid gRPC metadata")
+                        }
                     }
                 }
-                let md = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
+                let md =
+                    opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
                 b = b.with_metadata(md);
             }
             if ca.is_some() || cert.is_some() {
-                use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+                use opentelemetry_otlp::tonic_types::transport::{
+                    Certificate, ClientTlsConfig, Identity,
+                };
                 let mut tls = ClientTlsConfig::new().with_webpki_roots();
                 if let Some(ca) = &ca {
                     tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
@@ -98,8 +111,11 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
                 }
             }
             if !cfg.headers.is_empty() {
-                let headers: HashMap<String, String> =
-                    cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let headers: HashMap<String, String> = cfg
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 b = b.with_headers(headers);
             }
             b.build().map_err(ExportError::Build)

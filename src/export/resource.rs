@@ -15,7 +15,8 @@ pub fn build(node: &str) -> Resource {
         // The SDK defaults service.name to "unknown_service"; only a set variable counts.
         if k == "service.name" {
             return std::env::var_os("OTEL_SERVICE_NAME").is_some()
-                || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+                || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+                    .is_ok_and(|v| v.contains("service.name="));
         }
         from_env.get(&Key::from(k.to_string())).is_some()
     };
@@ -29,7 +30,10 @@ pub fn build(node: &str) -> Resource {
     if !node.is_empty() {
         ours.push(KeyValue::new("k8s.node.name", node.to_string()));
     }
-    let ours: Vec<KeyValue> = ours.into_iter().filter(|kv| !env_has(kv.key.as_str())).collect();
+    let ours: Vec<KeyValue> = ours
+        .into_iter()
+        .filter(|kv| !env_has(kv.key.as_str()))
+        .collect();
     let mut builder = Resource::builder();
     builder = builder.with_attributes(ours);
     builder.build()

@@ -71,7 +71,14 @@ impl Telemetry {
 
     pub fn add_connection(&self, id: ConnId, label: &str, pod_uid: Option<String>) {
         self.with_conns(|c| {
-            c.insert(id, ConnMeta { label: label.to_string(), pod_uid, ..ConnMeta::default() });
+            c.insert(
+                id,
+                ConnMeta {
+                    label: label.to_string(),
+                    pod_uid,
+                    ..ConnMeta::default()
+                },
+            );
         })
     }
 
