@@ -104,6 +104,9 @@ start() {
         sleep 0.2
     done
     log "libvirtd answers on $URI after $((SECONDS - start))s"
+    # QEMU outlives libvirtd: domains of a test run that was killed come back with the daemon. Nobody
+    # else was using this daemon (it did not answer), so removing them now is safe.
+    cleanup_test_domains
     echo started
 }
 

@@ -62,12 +62,21 @@ rm -f "$VHA_E2E_REPORT"
 
 step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
-step "cargo test --all-targets" cargo test --all-targets
+# Keep a copy of the output to count the tests for the closing line.
+CARGO_TEST_LOG=$STATE_DIR/cargo-test.log
+run_cargo_test() { cargo test --all-targets 2>&1 | tee "$CARGO_TEST_LOG"; }
+step "cargo test --all-targets" run_cargo_test
 
 if [[ -f tests/deploy/run-all.sh ]]; then
     step "deployment checks (tests/deploy/run-all.sh)" bash tests/deploy/run-all.sh
 else
     printf '\n==> test.sh: tests/deploy/run-all.sh not present: skipped\n' >&2
+fi
+current="stop libvirtd"
+# Stop here rather than in the exit trap, so the summary below is the last thing printed.
+if [[ $LIBVIRTD_STARTED == started ]]; then
+    bash scripts/libvirtd.sh stop
+    LIBVIRTD_STARTED=stopped
 fi
 current="summary"
 
@@ -80,3 +89,13 @@ for i in "${!step_names[@]}"; do
     printf '  %-55s %4ss\n' "${step_names[$i]}" "${step_secs[$i]}"
 done
 printf 'test.sh: all %d steps passed in %ds\n' "${#step_names[@]}" "$((SECONDS - started_at))"
+# Closing line in the plain "N passed, N failed, N skipped" form, summed over every cargo test binary
+# (skipped = #[ignore]d; e2e tests cannot skip here since VHA_E2E_REQUIRED=1).
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed;?$/) p += $(i - 1)
+            if ($(i) ~ /^failed;?$/) f += $(i - 1)
+            if ($(i) ~ /^ignored;?$/) s += $(i - 1)
+        }
+    }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$CARGO_TEST_LOG"

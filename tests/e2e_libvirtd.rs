@@ -9,7 +9,8 @@
 //! have been pushed on change. Each transition's latency (libvirt command returned → receiver got the
 //! request showing the change) is printed as a table, and appended to `$VHA_E2E_REPORT` when set.
 //! Other tests and users may run domains on the same daemon: only series of this test's own domains
-//! are asserted on.
+//! are asserted on. The two scenarios run one after the other, so that the latencies measured are
+//! not shortened by pushes the other scenario's transitions caused.
 
 mod common;
 
@@ -311,7 +312,12 @@ fn at(action: anyhow::Result<()>, what: &str) -> Instant {
     Instant::now()
 }
 
+/// One scenario at a time: every agent sees every domain on the daemon, so a parallel scenario's
+/// transitions would trigger pushes here too and blur the measured latencies.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn scenario(transport: Transport) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut h = Harness::new(transport);
 
     // A domain already running before the agent starts: the initial sync must export it.

@@ -62,7 +62,8 @@ pub enum Transport {
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // `pad`, not `write_str`: honours width and alignment in tables.
+        f.pad(match self {
             Transport::Grpc => "grpc",
             Transport::Http => "http/protobuf",
         })
