@@ -37,6 +37,13 @@ if ((${#missing[@]} == 0)); then
 else
     log "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Keep maintainer scripts from starting services (prometheus ships an init script) on a host where
+    # nothing should run unless a test starts it; container images usually have this file already.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -q || die "apt-get update failed"
     apt-get install -y -q --no-install-recommends "${missing[@]}" || die "apt-get install failed: ${missing[*]}"
 fi
