@@ -14,7 +14,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod load;
-pub use load::{load, ConfigError, LoadOptions};
+mod validate;
+pub use load::{env_var_for, load, to_yaml, ConfigError, LoadOptions, Origin, ENV_CONFIG_PATH};
+pub use validate::{
+    MAX_CARDINALITY_LIMIT, MAX_DEBOUNCE, MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/virt-hypervisor-agent/config.yaml";
 pub const ENV_PREFIX: &str = "VIRT_HYPERVISOR_AGENT";
@@ -44,7 +48,7 @@ pub const DEFAULT_DISCOVER_GLOBS: [&str; 2] = [
 ];
 
 /// The whole effective configuration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// Node name for the `node` attribute; empty means `NODE_NAME` env, else the host name.
@@ -194,21 +198,12 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
 }
 
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            node_name: String::new(),
-            log: LogConfig::default(),
-            libvirt: LibvirtConfig::default(),
-            metric: MetricConfig::default(),
-            export: ExportConfig::default(),
-        }
-    }
-}
-
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -229,7 +224,10 @@ impl Default for LibvirtConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        Self { initial_backoff: DEFAULT_RECONNECT_INITIAL, max_backoff: DEFAULT_RECONNECT_MAX }
+        Self {
+            initial_backoff: DEFAULT_RECONNECT_INITIAL,
+            max_backoff: DEFAULT_RECONNECT_MAX,
+        }
     }
 }
 
@@ -238,7 +236,10 @@ impl Default for DiscoverConfig {
         Self {
             enabled: false,
             kubelet_root: PathBuf::from(DEFAULT_KUBELET_ROOT),
-            globs: DEFAULT_DISCOVER_GLOBS.iter().map(|s| s.to_string()).collect(),
+            globs: DEFAULT_DISCOVER_GLOBS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
         }
     }
