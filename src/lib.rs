@@ -4,10 +4,10 @@
 //! the agent applies them to the pure [`inventory`], and [`export`] reads inventory snapshots in
 //! an OpenTelemetry observable-gauge callback.
 
+pub mod agent;
 pub mod config;
+pub mod discovery;
 pub mod domain;
+pub mod export;
 pub mod inventory;
 pub mod source;
-pub mod export;
-pub mod agent;
-pub mod discovery;

@@ -27,7 +27,13 @@ struct Cli {
 #[derive(Debug, Args)]
 struct Common {
     /// YAML configuration file [default: /etc/virt-hypervisor-agent/config.yaml if it exists]
-    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "FILE",
+        env = "VIRT_HYPERVISOR_AGENT_CONFIG"
+    )]
     config: Option<PathBuf>,
     /// libvirt URI to watch (repeatable; replaces libvirt.uris)
     #[arg(long = "uri", global = true, value_name = "URI")]
@@ -132,7 +138,7 @@ fn main() -> ExitCode {
     let cfg = match config::load(&opts) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("configuration error: {e}");
+            eprintln!("configuration error: {}", error_chain(&e));
             return ExitCode::from(2);
         }
     };

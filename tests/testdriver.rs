@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 //! In-process integration against libvirt's test driver: the agent watches `test:///default`
 //! through its own read-only connection while a second, read-write connection in the same
 //! process defines, starts, suspends, resumes, destroys and undefines domains. The test

@@ -173,8 +173,16 @@ pub async fn supervise(
             t.abort();
         }
         // Deregistration and close are RPCs: keep them off the async workers.
+        // Awaited, so that when this task ends its connection is closed (a removed launcher
+        // socket leaves no descriptor behind); bounded, so a hung daemon cannot hold us.
         let ctx_done = ctx;
-        let _ = tokio::task::spawn_blocking(move || drop(ctx_done));
+        let closing = tokio::task::spawn_blocking(move || drop(ctx_done));
+        if tokio::time::timeout(Duration::from_secs(2), closing)
+            .await
+            .is_err()
+        {
+            tracing::debug!(uri = %spec.uri, "closing the connection is taking long; left to finish in the background");
+        }
         if !lost {
             break;
         }

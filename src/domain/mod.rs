@@ -115,10 +115,16 @@ impl Identity {
         if is_kubevirt {
             if let Some((ns, name)) = domain_name.split_once('_') {
                 if !ns.is_empty() && !name.is_empty() {
-                    return Self { namespace: Some(ns.to_string()), name: name.to_string() };
+                    return Self {
+                        namespace: Some(ns.to_string()),
+                        name: name.to_string(),
+                    };
                 }
             }
         }
-        Self { namespace: None, name: domain_name.to_string() }
+        Self {
+            namespace: None,
+            name: domain_name.to_string(),
+        }
     }
 }

@@ -7,7 +7,6 @@
 //! callbacks: its `Drop` deregisters both and closes the connection, logging (never panicking)
 //! on failure. Callbacks run on the libvirt event-loop thread; they only copy a few strings out
 //! of the domain object (no RPC) and hand them to a sink, and never let a panic unwind into C.
-#![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
