@@ -75,8 +75,9 @@ pub async fn supervise(
     let mut backoff = initial;
     let mut ever_up = false;
     let mut outage_logged = false;
-    let keepalive =
-        (cfg.keepalive_count > 0).then_some((cfg.keepalive_interval, cfg.keepalive_count));
+    // `keepalive_interval: 0s` disables keepalive.
+    let keepalive = (!cfg.keepalive_interval.is_zero())
+        .then_some((cfg.keepalive_interval, cfg.keepalive_count));
 
     'outer: loop {
         if *stop.borrow() {

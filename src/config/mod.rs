@@ -85,7 +85,7 @@ pub struct LibvirtConfig {
     /// Bound on one libvirt call made for a domain (XML fetch) or a listing.
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
-    /// How many libvirt calls (fetches, listings) may run at once over all connections.
+    /// How many libvirt calls (fetches, listings) may run at once on one connection.
     pub fetch_concurrency: usize,
     /// Periodic full resync; `0s` disables it.
     #[serde(with = "humantime_serde")]
