@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -72,7 +72,7 @@ pub async fn supervise(
     let cfg = &shared.cfg.libvirt;
     let initial = cfg.reconnect.initial_backoff;
     let max = cfg.reconnect.max_backoff;
-    let mut backoff = initial;
+    let mut delays = reconnect_delays(initial, max);
     let mut ever_up = false;
     let mut outage_logged = false;
     // `keepalive_interval: 0s` disables keepalive.
@@ -102,8 +102,7 @@ pub async fn supervise(
                 if let Some(tx) = first_sync.take() {
                     let _ = tx.send(());
                 }
-                let sleep = jitter(backoff);
-                backoff = (backoff * 2).min(max);
+                let sleep = delays.next().unwrap_or(max);
                 tokio::select! {
                     _ = tokio::time::sleep(sleep) => continue 'outer,
                     _ = stop.changed() => break 'outer,
@@ -118,7 +117,7 @@ pub async fn supervise(
         }
         ever_up = true;
         outage_logged = false;
-        backoff = initial;
+        delays = reconnect_delays(initial, max);
         let w = Arc::clone(&watched);
         let hv = tokio::task::spawn_blocking(move || libvirt::hypervisor_version(&w))
             .await
@@ -187,7 +186,7 @@ pub async fn supervise(
         if !lost {
             break;
         }
-        let sleep = jitter(initial);
+        let sleep = delays.next().unwrap_or(initial);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = stop.changed() => break,
@@ -211,10 +210,16 @@ fn flatten<T, E: std::fmt::Display>(
     }
 }
 
-/// Up to ±25 % random jitter so a fleet does not reconnect in lockstep.
-fn jitter(d: Duration) -> Duration {
-    let f: f64 = rand::rng().random_range(0.75..1.25);
-    d.mul_f64(f)
+/// Reconnect delays: exponential (×2) from `initial` to `max`, with random jitter so a fleet
+/// does not reconnect in lockstep, never giving up.
+fn reconnect_delays(initial: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(initial)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 fn handle_event(ctx: &Arc<ConnCtx>, domain: DomainRef, event: Lifecycle) {
