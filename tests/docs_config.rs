@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 //! The README's configuration reference cannot drift from the code: every key of the schema
 //! appears in the table with the built-in default, and the table names no other key.
 //! `VHA_PRINT_CONFIG_TABLE=1 cargo test --test docs_config -- --nocapture` prints the rows.
