@@ -1,0 +1,438 @@
+//! The binary as a user runs it: bad configurations exit 2 before any connection is opened,
+//! `inventory` and `check-config` print what they promise, and SIGTERM stops the agent cleanly
+//! even when the collector is unreachable.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_virt-hypervisor-agent");
+
+fn demo_uri() -> String {
+    format!("test://{}/config/demo-node.xml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A unix socket that records whether anybody connected: the URI points libvirt at it.
+struct Tripwire {
+    _dir: tempfile::TempDir,
+    listener: UnixListener,
+    uri: String,
+}
+
+impl Tripwire {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libvirt-sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let uri = format!("qemu+unix:///system?socket={}", path.display());
+        Tripwire {
+            _dir: dir,
+            listener,
+            uri,
+        }
+    }
+
+    fn touched(&self) -> bool {
+        self.listener.accept().is_ok()
+    }
+}
+
+/// Malformed configurations: (what, YAML file content or None, env, extra args, text the error must contain).
+fn bad_cases(
+    uri: &str,
+) -> Vec<(
+    &'static str,
+    Option<String>,
+    Vec<(String, String)>,
+    Vec<String>,
+    Vec<&'static str>,
+)> {
+    let y = |s: &str| Some(format!("libvirt:\n  uris: [\"{uri}\"]\n{s}"));
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    vec![
+        (
+            "unknown top-level key",
+            y("colour: blue\n"),
+            vec![],
+            vec![],
+            vec!["colour"],
+        ),
+        (
+            "unknown nested key",
+            y("export:\n  endpont: http://x:4317\n"),
+            vec![],
+            vec![],
+            vec!["export.endpont"],
+        ),
+        (
+            "bad duration",
+            y("export:\n  debounce: fast\n"),
+            vec![],
+            vec![],
+            vec!["export.debounce", "fast"],
+        ),
+        (
+            "negative-ish duration",
+            y("export:\n  interval: -5s\n"),
+            vec![],
+            vec![],
+            vec!["export.interval"],
+        ),
+        (
+            "wrong type bool",
+            y("metric:\n  attributes:\n    uuid: maybe\n"),
+            vec![],
+            vec![],
+            vec!["metric.attributes.uuid", "maybe"],
+        ),
+        (
+            "wrong type number",
+            y("").map(|s| s.replace("libvirt:\n", "libvirt:\n  fetch_concurrency: lots\n")),
+            vec![],
+            vec![],
+            vec!["libvirt.fetch_concurrency"],
+        ),
+        (
+            "zero concurrency",
+            y("").map(|s| s.replace("libvirt:\n", "libvirt:\n  fetch_concurrency: 0\n")),
+            vec![],
+            vec![],
+            vec!["libvirt.fetch_concurrency", "0"],
+        ),
+        (
+            "bad exporter",
+            y("export:\n  exporter: kafka\n"),
+            vec![],
+            vec![],
+            vec!["export.exporter", "kafka"],
+        ),
+        (
+            "bad protocol",
+            y("export:\n  protocol: carrier-pigeon\n"),
+            vec![],
+            vec![],
+            vec!["export.protocol", "carrier-pigeon"],
+        ),
+        (
+            "bad compression",
+            y("export:\n  compression: zstd\n"),
+            vec![],
+            vec![],
+            vec!["export.compression", "zstd"],
+        ),
+        (
+            "bad endpoint url",
+            y("export:\n  endpoint: not a url\n"),
+            vec![],
+            vec![],
+            vec!["export.endpoint", "not a url"],
+        ),
+        (
+            "ftp endpoint",
+            y("export:\n  endpoint: ftp://collector:21\n"),
+            vec![],
+            vec![],
+            vec!["export.endpoint", "ftp://collector:21"],
+        ),
+        (
+            "cert without key",
+            y("export:\n  tls:\n    cert_file: /etc/hostname\n"),
+            vec![],
+            vec![],
+            vec!["export.tls"],
+        ),
+        (
+            "missing ca file",
+            y("export:\n  tls:\n    ca_file: /nonexistent/ca.pem\n"),
+            vec![],
+            vec![],
+            vec!["export.tls.ca_file", "/nonexistent/ca.pem"],
+        ),
+        (
+            "bad log level",
+            y("log:\n  level: verbose\n"),
+            vec![],
+            vec![],
+            vec!["log.level", "verbose"],
+        ),
+        (
+            "bad log format",
+            y("log:\n  format: xml\n"),
+            vec![],
+            vec![],
+            vec!["log.format", "xml"],
+        ),
+        (
+            "bad metric name",
+            y("metric:\n  name: 9lives\n"),
+            vec![],
+            vec![],
+            vec!["metric.name", "9lives"],
+        ),
+        (
+            "zero cardinality",
+            y("metric:\n  cardinality_limit: 0\n"),
+            vec![],
+            vec![],
+            vec!["metric.cardinality_limit"],
+        ),
+        (
+            "empty uris, discovery off",
+            Some("libvirt:\n  uris: []\n".to_string()),
+            vec![],
+            vec![],
+            vec!["libvirt.uris"],
+        ),
+        (
+            "relative kubelet root",
+            y("")
+                .map(|s| s + "  discover:\n    enabled: true\n    kubelet_root: var/lib/kubelet\n"),
+            vec![],
+            vec![],
+            vec!["libvirt.discover.kubelet_root"],
+        ),
+        (
+            "backoff inverted",
+            y("").map(|s| s + "  reconnect:\n    initial_backoff: 1m\n    max_backoff: 1s\n"),
+            vec![],
+            vec![],
+            vec!["libvirt.reconnect"],
+        ),
+        (
+            "yaml syntax error",
+            Some("libvirt: [unclosed\n".to_string()),
+            vec![],
+            vec![],
+            vec!["YAML"],
+        ),
+        (
+            "list where map expected",
+            Some(format!("libvirt:\n  uris: [\"{uri}\"]\nexport: [1, 2]\n")),
+            vec![],
+            vec![],
+            vec!["export"],
+        ),
+        (
+            "env: bad duration",
+            None,
+            env("VIRT_HYPERVISOR_AGENT_LIBVIRT__FETCH_TIMEOUT", "soon"),
+            vec![],
+            vec!["libvirt.fetch_timeout", "soon"],
+        ),
+        (
+            "env: unknown key",
+            None,
+            env("VIRT_HYPERVISOR_AGENT_EXPORT__COLOUR", "red"),
+            vec![],
+            vec!["export.colour"],
+        ),
+        (
+            "env: single underscore nesting",
+            None,
+            env("VIRT_HYPERVISOR_AGENT_LIBVIRT_URIS", "test:///default"),
+            vec![],
+            vec!["libvirt_uris"],
+        ),
+        (
+            "flag: bad protocol",
+            None,
+            vec![],
+            vec!["--protocol".into(), "smtp".into()],
+            vec!["export.protocol", "smtp"],
+        ),
+        (
+            "flag: --set unknown key",
+            None,
+            vec![],
+            vec!["--set".into(), "export.nope=1".into()],
+            vec!["export.nope"],
+        ),
+        (
+            "flag: --set without =",
+            None,
+            vec![],
+            vec!["--set".into(), "export.debounce".into()],
+            vec!["--set", "KEY=VALUE"],
+        ),
+        (
+            "missing config file",
+            None,
+            vec![],
+            vec!["--config".into(), "/nonexistent/agent.yaml".into()],
+            vec!["/nonexistent/agent.yaml"],
+        ),
+    ]
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_key_and_open_no_connection() {
+    let wire = Tripwire::new();
+    let cases = bad_cases(&wire.uri);
+    assert!(cases.len() >= 25);
+    for (what, yaml, env, args, needles) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        // Every case also carries the tripwire URI (flags only where the case has no file).
+        if let Some(y) = &yaml {
+            let path = dir.path().join("agent.yaml");
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(y.as_bytes())
+                .unwrap();
+            cmd.arg("--config").arg(&path);
+        } else if !args.iter().any(|a| a == "--config") {
+            cmd.arg("--uri").arg(&wire.uri);
+        }
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.args(&args).arg("run").stdin(Stdio::null());
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{what}: expected exit 2, got {:?}; stderr: {stderr}",
+            out.status
+        );
+        for n in needles {
+            assert!(
+                stderr.contains(n),
+                "{what}: error must mention {n:?}; got: {stderr}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{what}: panicked: {stderr}");
+        assert!(
+            !wire.touched(),
+            "{what}: a connection was opened despite the bad configuration"
+        );
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let out = Command::new(BIN)
+        .args([
+            "--uri",
+            "test:///default",
+            "--set",
+            "export.debounce=100ms",
+            "check-config",
+        ])
+        .env("VIRT_HYPERVISOR_AGENT_NODE_NAME", "from-env")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("test:///default"), "{stdout}");
+    assert!(stdout.contains("100ms"), "{stdout}");
+    assert!(stdout.contains("from-env"), "{stdout}");
+}
+
+#[test]
+fn version_flag_prints_the_package_version() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn inventory_json_lists_the_demo_node_with_identities_and_types() {
+    let out = Command::new(BIN)
+        .args([
+            "--uri",
+            &demo_uri(),
+            "--node-name",
+            "n1",
+            "inventory",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |dom: &str| rows.iter().find(|r| r["domain"] == dom).cloned().unwrap();
+    assert_eq!(rows.len(), 5);
+    let web = find("prod_web-frontend");
+    assert_eq!(web["namespace"], "prod");
+    assert_eq!(web["name"], "web-frontend");
+    assert_eq!(web["hypervisor_type"], "kvm");
+    assert_eq!(web["node"], "n1");
+    assert_eq!(find("ci_build-runner")["hypervisor_type"], "qemu-tcg");
+    let plain = find("legacy_app");
+    assert!(
+        plain["namespace"].is_null(),
+        "plain domains have no namespace"
+    );
+    assert_eq!(plain["name"], "legacy_app");
+    assert_eq!(find("odd-one")["hypervisor_type"], "unknown");
+}
+
+#[test]
+fn inventory_fails_when_no_connection_can_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!(
+        "qemu+unix:///system?socket={}/nothing-here",
+        dir.path().display()
+    );
+    let out = Command::new(BIN)
+        .args(["--uri", &uri, "inventory"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing-here"));
+}
+
+#[test]
+fn sigterm_exits_zero_quickly_even_with_the_collector_down() {
+    // Port 9 on loopback: nothing listens, every export fails.
+    let mut child = Command::new(BIN)
+        .args([
+            "--uri",
+            &demo_uri(),
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--set",
+            "export.interval=1s",
+            "run",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500)); // past the first failing exports
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Duration::from_secs(4);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let took = sent.elapsed();
+            println!("SIGTERM -> exit took {took:?}");
+            assert_eq!(st.code(), Some(0));
+            assert!(took <= deadline, "took {took:?}");
+            break;
+        }
+        if sent.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("agent did not exit within {deadline:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
