@@ -40,16 +40,17 @@ impl Tripwire {
     }
 }
 
-/// Malformed configurations: (what, YAML file content or None, env, extra args, text the error must contain).
-fn bad_cases(
-    uri: &str,
-) -> Vec<(
+/// (what, YAML file content, env, extra args, texts the error must contain).
+type BadCase = (
     &'static str,
     Option<String>,
     Vec<(String, String)>,
     Vec<String>,
     Vec<&'static str>,
-)> {
+);
+
+/// Malformed configurations: (what, YAML file content or None, env, extra args, text the error must contain).
+fn bad_cases(uri: &str) -> Vec<BadCase> {
     let y = |s: &str| Some(format!("libvirt:\n  uris: [\"{uri}\"]\n{s}"));
     let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
     vec![
