@@ -32,6 +32,9 @@ struct Discovered {
     id: ConnId,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// The socket's directory, held open while the connection lives when the socket path is too
+    /// long for a unix socket address (see [`connect_path`]); closed when the pod goes away.
+    _dir: Option<std::fs::File>,
 }
 
 /// Run discovery until `stop` turns true. Connection ids start at `first_id`.
@@ -73,10 +76,13 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id:
             }
             let id = next_id;
             next_id += 1;
-            let (uri, fallback) = paths::socket_uris(&path);
+            // The connection label stays the real path; the URIs opened may use a short alias.
+            let (label, _) = paths::socket_uris(&path);
+            let (dir, connect) = connect_path(&path);
+            let (uri, fallback) = paths::socket_uris(&connect);
             let pod_uid = paths::pod_uid(&path);
-            tracing::info!(socket = %path.display(), pod_uid = ?pod_uid, "launcher socket found");
-            shared.telemetry.add_connection(id, &uri, pod_uid.clone());
+            tracing::info!(socket = %path.display(), pod_uid = ?pod_uid, uri = %uri, "launcher socket found");
+            shared.telemetry.add_connection(id, &label, pod_uid.clone());
             let spec = ConnSpec {
                 id,
                 uri,
@@ -85,7 +91,15 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id:
             };
             let (tx, rx) = watch::channel(false);
             let task = tokio::spawn(connection::supervise(Arc::clone(&shared), spec, rx, None));
-            known.insert(path, Discovered { id, stop: tx, task });
+            known.insert(
+                path,
+                Discovered {
+                    id,
+                    stop: tx,
+                    task,
+                    _dir: dir,
+                },
+            );
         }
 
         tokio::select! {
@@ -104,6 +118,30 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id:
         let _ = d.task.await;
     }
     drop(watcher);
+}
+
+/// The path to connect to for the socket at `path`: the path itself when it fits a unix socket
+/// address, else `/proc/self/fd/<fd>/<name>` through a descriptor of its directory, returned
+/// with it (the caller keeps it open as long as the connection may reconnect). On a real node
+/// the launcher socket path (121 bytes with a pod UID) never fits the 107-byte limit.
+fn connect_path(path: &std::path::Path) -> (Option<std::fs::File>, PathBuf) {
+    use std::os::fd::AsRawFd;
+    if !paths::too_long_for_unix_socket(path) {
+        return (None, path.to_path_buf());
+    }
+    let Some(parent) = path.parent() else {
+        return (None, path.to_path_buf());
+    };
+    match std::fs::File::open(parent) {
+        Ok(dir) => match paths::fd_alias(dir.as_raw_fd(), path) {
+            Some(alias) => (Some(dir), alias),
+            None => (None, path.to_path_buf()),
+        },
+        Err(e) => {
+            tracing::warn!(dir = %parent.display(), error = %e, "cannot open the socket's directory for a short socket path");
+            (None, path.to_path_buf())
+        }
+    }
 }
 
 /// Stop a socket's connection task, then remove its domains and self-metrics.

@@ -40,6 +40,27 @@ pub fn socket_uris(path: &Path) -> (String, String) {
     )
 }
 
+/// The longest path a unix socket address can hold: `sun_path` is 108 bytes, NUL included.
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+/// Whether `path` is too long to be connected to directly. A real launcher socket usually is:
+/// `/var/lib/kubelet/pods/<36-char uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock`
+/// is 121 bytes, and libvirt refuses it ("too long for unix socket").
+pub fn too_long_for_unix_socket(path: &Path) -> bool {
+    path.as_os_str().len() > MAX_UNIX_SOCKET_PATH
+}
+
+/// A short name for the socket at `path` through an open descriptor `dir_fd` of its directory:
+/// `/proc/self/fd/<dir_fd>/<file name>`. The kernel resolves it like the long path, so libvirt
+/// can connect to it. `None` when `path` has no file name or the alias would still be too long.
+pub fn fd_alias(dir_fd: i32, path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let alias = Path::new("/proc/self/fd")
+        .join(dir_fd.to_string())
+        .join(name);
+    (!too_long_for_unix_socket(&alias)).then_some(alias)
+}
+
 /// Every existing path matching any glob, sorted and de-duplicated.
 pub fn scan(globs: &[String]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
@@ -125,6 +146,47 @@ mod tests {
         let (s, f) = socket_uris(Path::new("/p/virtqemud-sock"));
         assert_eq!(s, "qemu+unix:///session?socket=/p/virtqemud-sock");
         assert_eq!(f, "qemu+unix:///system?socket=/p/virtqemud-sock");
+    }
+
+    #[test]
+    fn the_kubevirt_socket_path_is_too_long_for_a_unix_socket_address() {
+        let p = Path::new("/var/lib/kubelet/pods/1b4e28ba-2fa1-11d2-883f-0016d3cca427/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock");
+        assert!(too_long_for_unix_socket(p));
+        assert!(!too_long_for_unix_socket(Path::new(
+            "/var/run/libvirt/libvirt-sock"
+        )));
+        assert!(!too_long_for_unix_socket(Path::new(&"a".repeat(107))));
+        assert!(too_long_for_unix_socket(Path::new(&"a".repeat(108))));
+    }
+
+    #[test]
+    fn fd_alias_names_the_socket_through_its_directory_descriptor() {
+        let p = Path::new("/var/lib/kubelet/pods/x/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock");
+        assert_eq!(
+            fd_alias(17, p),
+            Some(PathBuf::from("/proc/self/fd/17/virtqemud-sock"))
+        );
+        assert_eq!(fd_alias(17, Path::new("/")), None);
+        assert_eq!(fd_alias(17, &Path::new("/d").join("s".repeat(100))), None);
+    }
+
+    #[test]
+    fn a_socket_beyond_the_address_limit_is_reachable_through_the_fd_alias() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let sock = deep.join("virtqemud-sock");
+        assert!(too_long_for_unix_socket(&sock));
+        let dir_fd = std::fs::File::open(&deep).unwrap();
+        let alias = fd_alias(dir_fd.as_raw_fd(), &sock).unwrap();
+        let _listener = UnixListener::bind(&alias).unwrap();
+        assert!(
+            sock.exists(),
+            "bound through the alias, visible at the long path"
+        );
+        UnixStream::connect(&alias).unwrap();
     }
 
     #[test]
