@@ -32,6 +32,8 @@ pub const METER_NAME: &str = "virt-hypervisor-agent";
 pub enum ExportError {
     #[error("building the OTLP exporter failed")]
     Build(#[source] opentelemetry_otlp::ExporterBuildError),
+    #[error("setting up TLS for the HTTP exporter: {0}")]
+    Tls(String),
     #[error("reading TLS file {path}")]
     TlsFile {
         path: String,

@@ -4,6 +4,10 @@
 //! reads itself (`OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, `…HEADERS`, `…TIMEOUT`,
 //! `…COMPRESSION`). The SDK ignores `OTEL_EXPORTER_OTLP_PROTOCOL` once a transport is chosen and
 //! does not implement the TLS certificate variables, so the agent reads those itself.
+//!
+//! TLS: gRPC uses tonic's rustls (ring) with the web PKI roots plus an optional CA and client
+//! identity. HTTP/protobuf uses a blocking reqwest client given a rustls configuration built
+//! here the same way (the SDK's default HTTP client has no TLS compiled in).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -118,7 +122,75 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
                     .collect();
                 b = b.with_headers(headers);
             }
+            let identity = match (&cert, &key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                _ => None,
+            };
+            let timeout = cfg.timeout.unwrap_or(crate::config::DEFAULT_EXPORT_TIMEOUT);
+            b = b.with_http_client(http_client(ca, identity, timeout)?);
             b.build().map_err(ExportError::Build)
         }
     }
+}
+
+/// A blocking reqwest client with rustls (ring): web PKI roots, plus `ca` when given, plus a
+/// client identity for mutual TLS. Built on its own thread: reqwest's blocking client must not
+/// be created inside the tokio runtime.
+fn http_client(
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+    timeout: std::time::Duration,
+) -> Result<reqwest::blocking::Client, ExportError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let tls_err = |path: &PathBuf, what: String| ExportError::TlsFile {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &ca {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| tls_err(ca, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err(ca, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(tls_err(ca, "no PEM certificate in file".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| tls_err(ca, e.to_string()))?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ExportError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match &identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| tls_err(cert, e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_err(cert, e.to_string()))?;
+            let key_der =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls_err(cert, e.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    std::thread::Builder::new()
+        .name("otlp-http-client".into())
+        .spawn(move || {
+            reqwest::blocking::Client::builder()
+                .tls_backend_preconfigured(config)
+                .timeout(timeout)
+                .build()
+        })
+        .map_err(|e| ExportError::Tls(e.to_string()))?
+        .join()
+        .map_err(|_| ExportError::Tls("building the HTTP client panicked".into()))?
+        .map_err(|e| ExportError::Tls(e.to_string()))
 }
