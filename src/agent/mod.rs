@@ -159,7 +159,7 @@ impl Agent {
             for rx in first_syncs {
                 let _ = rx.await;
             }
-            ready_push.push();
+            ready_push.push_now();
             tracing::info!("initial sync done");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         });

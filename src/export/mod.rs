@@ -12,6 +12,7 @@ pub mod otlp;
 pub mod resource;
 pub mod telemetry;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,7 @@ pub enum ExportError {
 pub struct Exporter {
     provider: Option<SdkMeterProvider>,
     wake: Arc<Notify>,
+    urgent: Arc<AtomicBool>,
 }
 
 impl Exporter {
@@ -95,6 +97,7 @@ impl Exporter {
         Ok(Self {
             provider: Some(provider),
             wake: Arc::new(Notify::new()),
+            urgent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -102,6 +105,7 @@ impl Exporter {
     pub fn trigger(&self) -> PushTrigger {
         PushTrigger {
             wake: Arc::clone(&self.wake),
+            urgent: Arc::clone(&self.urgent),
         }
     }
 
@@ -112,11 +116,14 @@ impl Exporter {
         }
         let provider = self.provider.clone()?;
         let wake = Arc::clone(&self.wake);
+        let urgent = Arc::clone(&self.urgent);
         Some(tokio::spawn(async move {
             let mut last_warn: Option<Instant> = None;
             loop {
                 wake.notified().await;
-                tokio::time::sleep(debounce).await;
+                if !urgent.swap(false, Ordering::AcqRel) {
+                    tokio::time::sleep(debounce).await;
+                }
                 let p = provider.clone();
                 let started = Instant::now();
                 match tokio::task::spawn_blocking(move || p.force_flush()).await {
@@ -163,10 +170,17 @@ impl Exporter {
 #[derive(Clone, Debug)]
 pub struct PushTrigger {
     wake: Arc<Notify>,
+    urgent: Arc<AtomicBool>,
 }
 
 impl PushTrigger {
     pub fn push(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Push without waiting for the debounce (the first complete picture after startup).
+    pub fn push_now(&self) {
+        self.urgent.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 }
