@@ -1,0 +1,157 @@
+//! Every metric the agent declares is really emitted, with the values the demo node implies,
+//! decoded by the real OTLP receiver; and every metric named in the README's metric reference
+//! is one of them (docs cannot promise a metric that does not exist).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::receiver::{Receiver, Series};
+use common::Agent;
+
+/// OTLP names of everything the agent exports.
+const DECLARED: [&str; 7] = [
+    "kubevirt_vmi_hypervisor_info",
+    "virt_hypervisor_agent_connection_up",
+    "virt_hypervisor_agent_domains",
+    "virt_hypervisor_agent_lifecycle_events",
+    "virt_hypervisor_agent_xml_errors",
+    "virt_hypervisor_agent_reconnects",
+    "virt_hypervisor_agent_last_sync_duration",
+];
+
+fn by(series: &[Series], attr: &str) -> BTreeMap<String, f64> {
+    series
+        .iter()
+        .map(|s| (s.attr(attr).unwrap_or("").to_string(), s.value.as_f64()))
+        .collect()
+}
+
+#[test]
+fn every_declared_metric_is_emitted_with_consistent_values() {
+    let rx = Receiver::start().unwrap();
+    let uri = format!("test://{}/config/demo-node.xml", env!("CARGO_MANIFEST_DIR"));
+    let endpoint = rx.grpc_endpoint();
+    let since = Instant::now();
+    let mut agent = Agent::spawn(
+        &["run"],
+        &[
+            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", uri.as_str()),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT", endpoint.as_str()),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
+            ("VIRT_HYPERVISOR_AGENT_NODE_NAME", "metrics-node"),
+        ],
+    )
+    .unwrap();
+    let obs = rx
+        .wait_for_request(since, Duration::from_secs(20), |r| {
+            DECLARED.iter().all(|m| r.has_metric(m))
+        })
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail(40)));
+    let req = obs.request;
+
+    // The observable gauge: one point per demo domain, all on this node.
+    let info = req.series("kubevirt_vmi_hypervisor_info");
+    assert_eq!(info.len(), 5);
+    assert!(info
+        .iter()
+        .all(|s| s.attr("node") == Some("metrics-node") && s.value.as_f64() == 1.0));
+
+    // Domains by type agree with the gauge.
+    let domains = by(
+        &req.series("virt_hypervisor_agent_domains"),
+        "hypervisor_type",
+    );
+    assert_eq!(domains.get("kvm"), Some(&2.0));
+    assert_eq!(domains.get("qemu-tcg"), Some(&2.0));
+    assert_eq!(domains.get("unknown"), Some(&1.0));
+
+    // The one connection is up, has not reconnected, and has synced.
+    let up = req.series("virt_hypervisor_agent_connection_up");
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].attr("connection"), Some(uri.as_str()));
+    assert_eq!(up[0].value.as_f64(), 1.0);
+    assert_eq!(
+        by(
+            &req.series("virt_hypervisor_agent_reconnects"),
+            "connection"
+        )
+        .get(&uri),
+        Some(&0.0)
+    );
+    let sync = req.series("virt_hypervisor_agent_last_sync_duration");
+    assert_eq!(sync.len(), 1);
+    assert!(sync[0].value.as_f64() >= 0.0 && sync[0].value.as_f64() < 10.0);
+
+    // Counters carry every label value, zero included, so rates work from the start.
+    let events = by(
+        &req.series("virt_hypervisor_agent_lifecycle_events"),
+        "event",
+    );
+    for e in [
+        "defined",
+        "undefined",
+        "started",
+        "suspended",
+        "resumed",
+        "stopped",
+        "shutdown",
+        "pmsuspended",
+        "crashed",
+    ] {
+        assert!(
+            events.contains_key(e),
+            "lifecycle event label {e} missing: {events:?}"
+        );
+    }
+    let errors = by(&req.series("virt_hypervisor_agent_xml_errors"), "kind");
+    assert_eq!(
+        errors.keys().cloned().collect::<Vec<_>>(),
+        vec!["fetch", "parse", "timeout"]
+    );
+    assert!(
+        errors.values().all(|v| *v == 0.0),
+        "no XML error on the demo node: {errors:?}"
+    );
+
+    // Nothing undeclared is exported.
+    for name in req.metric_names() {
+        assert!(
+            DECLARED.contains(&name.as_str()),
+            "undeclared metric {name} exported"
+        );
+    }
+    agent.terminate(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn readme_metric_reference_names_only_exported_metrics() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Metric reference")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mut named = 0;
+    for word in section.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("virt_hypervisor_agent_") {
+            continue;
+        }
+        // Prometheus adds `_total` to counters and `_seconds` for the unit `s`.
+        let otlp = word.trim_end_matches("_total").trim_end_matches("_seconds");
+        assert!(
+            DECLARED.contains(&otlp),
+            "README names {word}, which the agent does not export"
+        );
+        named += 1;
+    }
+    assert!(
+        named >= 6,
+        "the README's metric reference should list every self-metric"
+    );
+}
