@@ -60,6 +60,7 @@ export VHA_E2E_REQUIRED=${VHA_E2E_REQUIRED:-1}
 export VHA_E2E_REPORT=$STATE_DIR/e2e-latency.txt
 rm -f "$VHA_E2E_REPORT"
 
+step "dependencies build with rust-version (scripts/check-msrv.sh)" bash scripts/check-msrv.sh
 step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
 # Keep a copy of the output to count the tests for the closing line.
