@@ -118,11 +118,18 @@ pub async fn supervise(
         ever_up = true;
         outage_logged = false;
         delays = reconnect_delays(initial, max);
-        let w = Arc::clone(&watched);
-        let hv = tokio::task::spawn_blocking(move || libvirt::hypervisor_version(&w))
-            .await
-            .ok()
-            .flatten();
+        // Only for the optional `hypervisor_version` attribute: the first virConnectGetVersion on
+        // a fresh (session) daemon takes about 2 s while it probes the host, and the initial
+        // resync waits for it, which delayed every new pod's VMIs (and every reconnect) by that.
+        let hv = if shared.cfg.metric.attributes.hypervisor_version {
+            let w = Arc::clone(&watched);
+            tokio::task::spawn_blocking(move || libvirt::hypervisor_version(&w))
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
         shared.telemetry.set_up(spec.id, true, hv);
 
         let ctx = Arc::new(ConnCtx {
