@@ -7,6 +7,7 @@
 
 pub mod libvirt;
 pub mod receiver;
+pub mod session;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
