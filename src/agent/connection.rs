@@ -22,6 +22,9 @@ use crate::source::SourceEvent;
 #[derive(Clone, Debug)]
 pub struct ConnSpec {
     pub id: ConnId,
+    /// How the connection is named in logs and the `connection` attribute (for a launcher
+    /// socket: its real path, while `uri` may use a short `/proc/self/fd` alias).
+    pub label: String,
     pub uri: String,
     /// Tried when `uri` cannot be opened (a launcher socket answering the system form).
     pub fallback_uri: Option<String>,
@@ -29,25 +32,49 @@ pub struct ConnSpec {
     pub pod_uid: Option<String>,
 }
 
+type PendingOpen = tokio::task::JoinHandle<Result<Watched, libvirt::LibvirtError>>;
+
 /// Open the spec's URI, else its fallback; returns the URI that answered.
+///
+/// An open that times out (a hung daemon accepts the socket but never answers) keeps its
+/// blocking thread until the daemon wakes up. It is parked in `pending`, and no new attempt is
+/// made while it is still stuck, so a long hang costs one thread per connection, not one per
+/// retry. A timeout also skips the fallback URI: the daemon is not answering at all.
 async fn open_any(
     spec: &ConnSpec,
     keepalive: Option<(Duration, u32)>,
     timeout: Duration,
     tx: mpsc::UnboundedSender<SourceEvent>,
+    pending: &mut Option<PendingOpen>,
 ) -> Result<(Watched, String), String> {
+    if let Some(stuck) = pending.take() {
+        if !stuck.is_finished() {
+            *pending = Some(stuck);
+            return Err("the previous open attempt is still waiting for the daemon".into());
+        }
+        // It finished late: its callbacks point at an abandoned channel. Close it off the
+        // async workers.
+        tokio::spawn(async move {
+            if let Ok(Ok(w)) = stuck.await {
+                let _ = tokio::task::spawn_blocking(move || drop(w)).await;
+            }
+        });
+    }
     let mut errors = Vec::new();
     for uri in std::iter::once(&spec.uri).chain(spec.fallback_uri.iter()) {
         let u = uri.clone();
         let t = tx.clone();
-        let opened = tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || libvirt::open(&u, keepalive, t)),
-        )
-        .await;
-        match flatten(opened, "open") {
-            Ok(w) => return Ok((w, uri.clone())),
-            Err(e) => errors.push(e),
+        let mut handle: PendingOpen =
+            tokio::task::spawn_blocking(move || libvirt::open(&u, keepalive, t));
+        match tokio::time::timeout(timeout, &mut handle).await {
+            Ok(Ok(Ok(w))) => return Ok((w, uri.clone())),
+            Ok(Ok(Err(e))) => errors.push(e.to_string()),
+            Ok(Err(e)) => errors.push(format!("open task failed: {e}")),
+            Err(_) => {
+                *pending = Some(handle);
+                errors.push(format!("open timed out after {timeout:?}"));
+                break;
+            }
         }
     }
     Err(errors.join("; "))
@@ -73,6 +100,7 @@ pub async fn supervise(
     let initial = cfg.reconnect.initial_backoff;
     let max = cfg.reconnect.max_backoff;
     let mut delays = reconnect_delays(initial, max);
+    let mut pending_open: Option<PendingOpen> = None;
     let mut ever_up = false;
     let mut outage_logged = false;
     // `keepalive_interval: 0s` disables keepalive.
@@ -84,7 +112,9 @@ pub async fn supervise(
             break;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let watched = match open_any(&spec, keepalive, cfg.fetch_timeout, tx).await {
+        let watched = match open_any(&spec, keepalive, cfg.fetch_timeout, tx, &mut pending_open)
+            .await
+        {
             Ok((w, uri)) => {
                 if uri != spec.uri {
                     tracing::debug!(uri = %uri, "connected through the fallback URI");
@@ -93,9 +123,9 @@ pub async fn supervise(
             }
             Err(why) => {
                 if outage_logged {
-                    tracing::debug!(uri = %spec.uri, error = %why, "libvirt still unavailable");
+                    tracing::debug!(connection = %spec.label, error = %why, "libvirt still unavailable");
                 } else {
-                    tracing::warn!(uri = %spec.uri, error = %why, "libvirt connection unavailable; retrying with backoff");
+                    tracing::warn!(connection = %spec.label, error = %why, "libvirt connection unavailable; retrying with backoff");
                     outage_logged = true;
                 }
                 shared.telemetry.set_up(spec.id, false, None);
@@ -111,9 +141,9 @@ pub async fn supervise(
         };
         if ever_up {
             shared.telemetry.count_reconnect(spec.id);
-            tracing::info!(uri = %spec.uri, "libvirt connection re-established; resyncing");
+            tracing::info!(connection = %spec.label, "libvirt connection re-established; resyncing");
         } else {
-            tracing::info!(uri = %spec.uri, "libvirt connection established");
+            tracing::info!(connection = %spec.label, "libvirt connection established");
         }
         ever_up = true;
         outage_logged = false;
@@ -153,11 +183,11 @@ pub async fn supervise(
                 _ = stop.changed() => break false,
                 ev = rx.recv() => match ev {
                     Some(SourceEvent::Lifecycle { domain, event, detail }) => {
-                        tracing::debug!(uri = %spec.uri, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
+                        tracing::debug!(connection = %spec.label, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
                         handle_event(&ctx, domain, event);
                     }
                     Some(SourceEvent::Closed { reason }) => {
-                        tracing::warn!(uri = %spec.uri, %reason, "libvirt connection lost; its domains stay exported until it is back");
+                        tracing::warn!(connection = %spec.label, %reason, "libvirt connection lost; its domains stay exported until it is back");
                         break true;
                     }
                     None => break true,
@@ -188,7 +218,7 @@ pub async fn supervise(
             .await
             .is_err()
         {
-            tracing::debug!(uri = %spec.uri, "closing the connection is taking long; left to finish in the background");
+            tracing::debug!(connection = %spec.label, "closing the connection is taking long; left to finish in the background");
         }
         if !lost {
             break;
@@ -265,7 +295,7 @@ async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
     match tokio::time::timeout(shared.cfg.libvirt.fetch_timeout, task).await {
         Err(_) => {
             shared.telemetry.count_xml_error("timeout");
-            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, "domain XML fetch timed out; exporting hypervisor_type=unknown until the next resync");
+            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, "domain XML fetch timed out; exporting hypervisor_type=unknown until the next resync");
             FetchOutcome::Failed
         }
         Ok(Err(e)) => {
@@ -274,22 +304,22 @@ async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
         }
         Ok(Ok(Fetched::Facts(f))) => {
             if ctx.spec.pod_uid.is_some() && f.kubevirt.is_none() {
-                tracing::debug!(uri = %ctx.spec.uri, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
+                tracing::debug!(connection = %ctx.spec.label, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
             }
             FetchOutcome::Facts(f)
         }
         Ok(Ok(Fetched::Gone)) => {
-            tracing::debug!(uri = %ctx.spec.uri, domain = %dom.name, "domain gone before its XML was read");
+            tracing::debug!(connection = %ctx.spec.label, domain = %dom.name, "domain gone before its XML was read");
             FetchOutcome::Gone
         }
         Ok(Ok(Fetched::LibvirtError(msg))) => {
             shared.telemetry.count_xml_error("fetch");
-            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, error = %msg, "reading domain XML failed; exporting hypervisor_type=unknown");
+            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, error = %msg, "reading domain XML failed; exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
         Ok(Ok(Fetched::ParseError(e))) => {
             shared.telemetry.count_xml_error("parse");
-            tracing::warn!(uri = %ctx.spec.uri, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
+            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
     }
@@ -319,7 +349,7 @@ async fn resync(ctx: Arc<ConnCtx>) {
         Ok(l) => l,
         Err(why) => {
             shared.lock_inventory().abort_resync(token);
-            tracing::warn!(uri = %ctx.spec.uri, error = %why, "resync failed");
+            tracing::warn!(connection = %ctx.spec.label, error = %why, "resync failed");
             return;
         }
     };
@@ -360,7 +390,7 @@ async fn resync(ctx: Arc<ConnCtx>) {
     macro_rules! log_resync {
         ($lvl:ident) => {
             tracing::$lvl!(
-                uri = %ctx.spec.uri,
+                connection = %ctx.spec.label,
                 listed,
                 fetched = fetched_count,
                 added = report.added,

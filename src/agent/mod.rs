@@ -132,6 +132,7 @@ impl Agent {
             first_syncs.push(rx);
             let spec = ConnSpec {
                 id,
+                label: uri.clone(),
                 uri: uri.clone(),
                 fallback_uri: None,
                 pod_uid: None,

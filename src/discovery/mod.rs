@@ -85,6 +85,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id:
             shared.telemetry.add_connection(id, &label, pod_uid.clone());
             let spec = ConnSpec {
                 id,
+                label: label.clone(),
                 uri,
                 fallback_uri: Some(fallback),
                 pod_uid,

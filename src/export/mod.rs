@@ -93,7 +93,10 @@ impl Exporter {
             ExporterKind::None => {}
         }
         let provider = builder.build();
-        register_instruments(&provider, cfg, node, inventory, telemetry);
+        // Without a reader nothing would ever collect them (and the SDK logs an error for each).
+        if cfg.export.exporter != ExporterKind::None {
+            register_instruments(&provider, cfg, node, inventory, telemetry);
+        }
         Ok(Self {
             provider: Some(provider),
             wake: Arc::new(Notify::new()),
