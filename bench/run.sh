@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The benchmarks of issue 5 in one command: prints the tables and writes bench/out/results.md (the
+# generated part of BENCHMARKS.md) and docs/idle-cpu-vs-n.svg.
+#
+#   bash bench/run.sh            full run (about 25 minutes; needs root, ~4.5 GiB free RAM)
+#   bash bench/run.sh --write    same, then replace the generated section of BENCHMARKS.md
+#   bash bench/run.sh --quick    a few minutes, tiny sizes: checks the machinery, numbers meaningless
+#   bash bench/run.sh --report   only rebuild the tables from the last results in bench/out
+#
+# Environment (optional): BENCH_SIZES (idle N list, default 10,50,100), BENCH_IDLE_SECS (60),
+# BENCH_TRANSITIONS (100), BENCH_PEER_TRANSITIONS (50), BENCH_SCRAPE_SECS (15), BENCH_SYNC_RUNS (5),
+# BENCH_SCALE_SIZES (0,100,1000,10000), BENCH_OUT (bench/out).
+#
+# What it does: installs what is missing (scripts/setup.sh, the peer prometheus-libvirt-exporter,
+# curl), starts the system libvirtd unless one answers (and stops it at the end only if it started
+# it), builds the agent in release mode, runs the parser criterion bench, the simulated scale bench
+# and the live bench (benches/suite.rs; its domains are named vha-b-<pid>_* and removed at the
+# end), then the report. Nothing here asserts on time.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+MODE=full
+WRITE=0
+for arg in "$@"; do
+    case $arg in
+    --quick) MODE=quick ;;
+    --write) WRITE=1 ;;
+    --report) MODE=report ;;
+    -h | --help)
+        sed -n '2,20p' "$0"
+        exit 0
+        ;;
+    *)
+        echo "run.sh: unknown argument $arg" >&2
+        exit 2
+        ;;
+    esac
+done
+
+OUT=${BENCH_OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+log() { printf '\n==> bench: %s\n' "$*" >&2; }
+
+if [[ $MODE == quick ]]; then
+    : "${BENCH_SIZES:=2,4}" "${BENCH_IDLE_SECS:=5}" "${BENCH_TRANSITIONS:=6}" "${BENCH_PEER_TRANSITIONS:=4}"
+    : "${BENCH_SCRAPE_SECS:=3}" "${BENCH_SYNC_RUNS:=1}" "${BENCH_SCALE_SIZES:=0,100,1000}"
+    PARSER_ARGS=(--warm-up-time 0.5 --measurement-time 1)
+    COLLECTIONS=20
+else
+    PARSER_ARGS=(--warm-up-time 1 --measurement-time 3)
+    COLLECTIONS=200
+fi
+SIZES=${BENCH_SIZES:-10,50,100}
+IDLE_SECS=${BENCH_IDLE_SECS:-60}
+TRANSITIONS=${BENCH_TRANSITIONS:-100}
+PEER_TRANSITIONS=${BENCH_PEER_TRANSITIONS:-50}
+SCRAPE_SECS=${BENCH_SCRAPE_SECS:-15}
+SYNC_RUNS=${BENCH_SYNC_RUNS:-5}
+SCALE_SIZES=${BENCH_SCALE_SIZES:-0,100,1000,10000}
+COMMAND="bash bench/run.sh$([[ $WRITE == 1 ]] && echo ' --write')$([[ $MODE == quick ]] && echo ' --quick')"
+
+suite() { cargo bench -q --bench suite -- "$@"; }
+
+report() {
+    local since=()
+    [[ -s $OUT/started-at ]] && since=(--since "$(cat "$OUT/started-at")")
+    suite report --out "$OUT" --criterion "${CARGO_TARGET_DIR:-$ROOT/target}/criterion" \
+        --svg "$ROOT/docs/idle-cpu-vs-n.svg" --command "$COMMAND" "${since[@]}"
+}
+
+splice() {
+    # Replace what lies between the two markers of BENCHMARKS.md with results.md.
+    local md=$ROOT/BENCHMARKS.md begin='<!-- bench:results:begin -->' end='<!-- bench:results:end -->'
+    if ! grep -qF "$begin" "$md" 2>/dev/null || ! grep -qF "$end" "$md"; then
+        echo "run.sh: $md lacks the markers $begin / $end: not written" >&2
+        return 1
+    fi
+    awk -v b="$begin" -v e="$end" -v f="$OUT/results.md" '
+        $0 == b { print; while ((getline l < f) > 0) print l; skip = 1; next }
+        $0 == e { skip = 0 }
+        !skip { print }' "$md" >"$md.tmp"
+    mv "$md.tmp" "$md"
+    log "wrote the results into BENCHMARKS.md"
+}
+
+if [[ $MODE == report ]]; then
+    report
+    [[ $WRITE == 1 ]] && splice
+    exit 0
+fi
+
+[[ $(id -u) -eq 0 ]] || { echo "run.sh: needs root (system libvirtd, packages)" >&2; exit 1; }
+
+log "packages"
+bash scripts/setup.sh
+need=()
+for pkg in prometheus-libvirt-exporter curl; do
+    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == "install ok installed" ]] || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    # Keep the peer's maintainer script from starting it as a service.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+export VHA_STATE_DIR=${VHA_BENCH_STATE_DIR:-/tmp/vha-bench}
+LIBVIRTD=$(bash scripts/libvirtd.sh start)
+on_exit() {
+    local rc=$?
+    if [[ $LIBVIRTD == started ]]; then
+        bash "$ROOT/scripts/libvirtd.sh" stop || true
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
+date +%s >"$OUT/started-at"
+rm -f "$OUT/live.json" "$OUT/scale.json"
+
+log "cargo build --release (the agent) and the bench binaries"
+cargo build --release -q
+# Run a private copy: the shared target directory may be rebuilt by someone else meanwhile.
+cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/virt-hypervisor-agent" "$OUT/virt-hypervisor-agent"
+cargo bench -q --bench suite --no-run
+
+log "parser (criterion): cargo bench --bench parser -- ${PARSER_ARGS[*]}"
+cargo bench -q --bench parser -- "${PARSER_ARGS[@]}" 2>&1 | grep -E '^[a-z].*/|time:' || true
+
+log "scale (simulated): sizes $SCALE_SIZES"
+suite scale-all --out "$OUT" --sizes "$SCALE_SIZES" --collections "$COLLECTIONS"
+
+log "live (system libvirtd $LIBVIRTD): sizes $SIZES, ${IDLE_SECS}s windows"
+suite live --agent-bin "$OUT/virt-hypervisor-agent" --out "$OUT" --sizes "$SIZES" \
+    --idle-secs "$IDLE_SECS" --transitions "$TRANSITIONS" --peer-transitions "$PEER_TRANSITIONS" \
+    --scrape-secs "$SCRAPE_SECS" --sync-runs "$SYNC_RUNS"
+
+log "report"
+report
+[[ $WRITE == 1 ]] && splice
+exit 0
