@@ -7,6 +7,7 @@
 
 pub mod libvirt;
 pub mod receiver;
+pub mod reliability;
 pub mod session;
 
 use std::fs::File;
