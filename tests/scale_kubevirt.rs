@@ -128,8 +128,9 @@ fn thread_names(pid: u32) -> BTreeMap<String, usize> {
     out
 }
 
-/// Each thread of `pid`: tid -> (name, utime + stime ticks).
-fn thread_ticks(pid: u32) -> BTreeMap<String, (String, u64)> {
+/// Each thread of `pid`: tid -> (name, CPU ns). From `schedstat` (the scheduler's exact run time):
+/// a thread's `stat` utime/stime are tick samples, too coarse for threads that run a few ms.
+fn thread_cpu_ns(pid: u32) -> BTreeMap<String, (String, u64)> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -138,33 +139,74 @@ fn thread_ticks(pid: u32) -> BTreeMap<String, (String, u64)> {
     {
         let path = entry.path();
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let ticks = stat_ticks(&path.join("stat").to_string_lossy());
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
         out.insert(
             entry.file_name().to_string_lossy().into_owned(),
-            (name.trim().to_string(), ticks),
+            (name.trim().to_string(), ns),
         );
     }
     out
 }
 
-/// CPU seconds used between two [`thread_ticks`] samples, by thread name (threads gone meanwhile
-/// are not counted), as `name s, …`, largest first.
+/// CPU used between two [`thread_cpu_ns`] samples by thread name (threads gone meanwhile are not
+/// counted), as `name N ms (k threads), …`, largest first.
 fn cpu_by_thread(
     before: &BTreeMap<String, (String, u64)>,
     after: &BTreeMap<String, (String, u64)>,
-    ticks: f64,
 ) -> String {
-    let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
-    for (tid, (name, t)) in after {
+    let mut by_name: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+    for (tid, (name, ns)) in after {
         let old = before.get(tid).map(|(_, t)| *t).unwrap_or(0);
-        *by_name.entry(name).or_insert(0) += t.saturating_sub(old);
+        let e = by_name.entry(name).or_insert((0, 0));
+        e.0 += ns.saturating_sub(old);
+        if *ns > old {
+            e.1 += 1;
+        }
     }
-    let mut rows: Vec<(&str, u64)> = by_name.into_iter().collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let mut rows: Vec<(&str, (u64, usize))> = by_name.into_iter().collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     rows.iter()
-        .map(|(n, t)| format!("{n} {:.2} s", *t as f64 / ticks))
+        .map(|(n, (ns, k))| format!("{n} {:.1} ms ({k} ran)", *ns as f64 / 1e6))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Counts the openings of a directory (inotify `IN_OPEN` on it): each discovery scan of the agent
+/// lists the kubelet `pods/` dir once per glob.
+struct OpenCounter {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl OpenCounter {
+    fn watch(dir: &Path) -> OpenCounter {
+        use notify::event::{AccessKind, EventKind};
+        use notify::Watcher as _;
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = std::sync::Arc::clone(&count);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if matches!(ev.kind, EventKind::Access(AccessKind::Open(_))) {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+        .unwrap();
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        OpenCounter {
+            count,
+            _watcher: watcher,
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A snapshot of the agent process.
@@ -531,13 +573,18 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     );
 
     // Idle cost with N connections.
+    let opens = OpenCounter::watch(&root.join("pods"));
+    std::thread::sleep(Duration::from_millis(200));
+    let o0 = opens.get();
     let c0 = cpu_ticks(pid);
-    let t0 = thread_ticks(pid);
+    let t0 = thread_cpu_ns(pid);
     let idle_from = Instant::now();
     std::thread::sleep(IDLE_WINDOW);
     let idle_cpu = (cpu_ticks(pid) - c0) as f64 / ticks;
     let idle_rate = idle_cpu / idle_from.elapsed().as_secs_f64();
-    let idle_threads = cpu_by_thread(&t0, &thread_ticks(pid), ticks);
+    let idle_threads = cpu_by_thread(&t0, &thread_cpu_ns(pid));
+    let idle_opens = opens.get() - o0;
+    let idle_threads_count = status_field(pid, "Threads").unwrap_or(0);
     let idle_requests = rx.requests_since(idle_from).len();
     note!(report,
         "idle {:.0} s with {n} connections: agent CPU {:.2} s ({:.1} ms/s), {idle_requests} export request(s)",
@@ -545,7 +592,13 @@ fn kubevirt_scale_50_pods_one_event_loop() {
         idle_cpu,
         idle_cpu * 1000.0 / IDLE_WINDOW.as_secs_f64()
     );
-    note!(report, "  idle CPU by thread: {idle_threads}");
+    note!(report, "  idle CPU by thread (schedstat): {idle_threads}");
+    note!(
+        report,
+        "  idle: kubelet pods/ dir opened {idle_opens} times ({:.1}/s; a discovery scan opens it once \
+         per glob); threads at the end {idle_threads_count}",
+        idle_opens as f64 / IDLE_WINDOW.as_secs_f64()
+    );
 
     // Transitions: destroy then start --paused, over pods picked with a stride.
     let stride = stride_for(n);
@@ -554,7 +607,8 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     let mut per_pod: BTreeMap<usize, usize> = BTreeMap::new();
     let requests_before = rx.request_count();
     let cpu_before = cpu_ticks(pid);
-    let threads_before = thread_ticks(pid);
+    let threads_before = thread_cpu_ns(pid);
+    let opens_before = opens.get();
     let loop_started = Instant::now();
     for c in 0..cycles {
         let i = (c * stride) % n;
@@ -590,7 +644,8 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     }
     let loop_time = loop_started.elapsed();
     let cpu_transitions = (cpu_ticks(pid) - cpu_before) as f64 / ticks;
-    let transition_threads = cpu_by_thread(&threads_before, &thread_ticks(pid), ticks);
+    let transition_threads = cpu_by_thread(&threads_before, &thread_cpu_ns(pid));
+    let transition_opens = opens.get() - opens_before;
     let requests = rx.request_count() - requests_before;
     let count = latencies.len();
 
@@ -632,7 +687,12 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     );
     note!(
         report,
-        "  CPU by thread during transitions: {transition_threads}"
+        "  CPU by thread during transitions (schedstat): {transition_threads}"
+    );
+    note!(
+        report,
+        "  kubelet pods/ dir opened {transition_opens} times during transitions ({:.1}/s)",
+        transition_opens as f64 / loop_time.as_secs_f64()
     );
     let after = ProcSnap::take(pid);
     note!(report, "agent after transitions: {}", after.line());
