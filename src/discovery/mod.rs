@@ -161,6 +161,20 @@ async fn remove(shared: &Arc<Shared>, d: Discovered) {
     }
 }
 
+/// Whether a file-system event can change which sockets exist. Access and content/metadata
+/// events are ignored: the rescan itself opens every directory it globs, and reacting to those
+/// opens would rescan in a loop.
+fn changes_entries(kind: &notify::EventKind) -> bool {
+    use notify::event::ModifyKind;
+    use notify::EventKind;
+    match kind {
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(_) => true,
+        EventKind::Any | EventKind::Other => true,
+    }
+}
+
 /// Watch `dir` recursively; every event pokes `tx`. `None` (logged) when it cannot be watched
 /// yet (the rescan interval still finds sockets, and watching is retried each rescan).
 fn watch_dir(
@@ -172,7 +186,7 @@ fn watch_dir(
         return None;
     }
     let mut w = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.is_ok_and(|ev| changes_entries(&ev.kind)) {
             let _ = tx.send(());
         }
     }) {
@@ -188,5 +202,30 @@ fn watch_dir(
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch kubelet pods dir; relying on periodic rescans");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_entries;
+    use notify::event::{
+        AccessKind, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind, RenameMode,
+    };
+    use notify::EventKind;
+
+    #[test]
+    fn only_entry_changes_trigger_a_rescan() {
+        assert!(!changes_entries(&EventKind::Access(AccessKind::Any)));
+        assert!(!changes_entries(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(!changes_entries(&EventKind::Modify(ModifyKind::Metadata(
+            MetadataKind::Any
+        ))));
+        assert!(changes_entries(&EventKind::Create(CreateKind::Any)));
+        assert!(changes_entries(&EventKind::Remove(RemoveKind::Any)));
+        assert!(changes_entries(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::Any
+        ))));
     }
 }
