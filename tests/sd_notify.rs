@@ -78,5 +78,6 @@ fn ready_watchdog_and_stopping_are_notified() {
             .any(|l| l == "STOPPING=1");
     }
     let _ = child.kill();
+    let _ = child.wait();
     assert!(stopping, "no STOPPING=1 after SIGTERM");
 }
