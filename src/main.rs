@@ -103,12 +103,17 @@ fn overrides(c: &Common) -> Result<Vec<(String, String)>, String> {
 }
 
 fn init_logging(cfg: &AgentConfig) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v),
-        _ => EnvFilter::try_new(format!(
-            "{},opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn",
-            cfg.log.level
-        )),
+    // RUST_LOG, when set, replaces log.level. The SDK logs every failed export attempt; the
+    // agent reports failures itself, rate limited (export::reporting), so opentelemetry's own
+    // logs are off unless the filter names them.
+    let level = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => cfg.log.level.clone(),
+    };
+    let filter = if level.contains("opentelemetry") {
+        EnvFilter::try_new(&level)
+    } else {
+        EnvFilter::try_new(format!("{level},opentelemetry=off"))
     }
     .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -9,6 +9,7 @@
 //! event path, and memory stays bounded (the gauge is rebuilt from the inventory each time).
 
 pub mod otlp;
+pub mod reporting;
 pub mod resource;
 pub mod telemetry;
 
@@ -75,7 +76,7 @@ impl Exporter {
         let interval = export_interval(cfg);
         match cfg.export.exporter {
             ExporterKind::Otlp => {
-                let exporter = otlp::build(&cfg.export)?;
+                let exporter = reporting::Reporting::new(otlp::build(&cfg.export)?);
                 let mut reader = PeriodicReader::builder(exporter);
                 if let Some(i) = interval {
                     reader = reader.with_interval(i);
@@ -121,7 +122,6 @@ impl Exporter {
         let wake = Arc::clone(&self.wake);
         let urgent = Arc::clone(&self.urgent);
         Some(tokio::spawn(async move {
-            let mut last_warn: Option<Instant> = None;
             loop {
                 wake.notified().await;
                 if !urgent.swap(false, Ordering::AcqRel) {
@@ -136,14 +136,8 @@ impl Exporter {
                             "pushed on change"
                         )
                     }
-                    Ok(Err(e)) => {
-                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            tracing::warn!(error = %e, "push to the collector failed (repeats are logged at most once a minute)");
-                            last_warn = Some(Instant::now());
-                        } else {
-                            tracing::debug!(error = %e, "push to the collector failed");
-                        }
-                    }
+                    // The exporter wrapper reports failures (rate-limited).
+                    Ok(Err(e)) => tracing::debug!(error = %e, "push to the collector failed"),
                     Err(e) => tracing::error!(error = %e, "push task failed"),
                 }
             }

@@ -323,6 +323,31 @@ impl Inventory {
                     }
                 }
             }
+            // Undefining a running domain only makes it transient: it keeps running (the event
+            // still carries its id), so it stays exported like after a SUSPENDED.
+            Lifecycle::Undefined if dom.id.is_some() => match state.domains.get_mut(&dom.uuid) {
+                Some(entry) => {
+                    entry.touched = seq;
+                    None
+                }
+                None => {
+                    state.tombstones.remove(&dom.uuid);
+                    state.domains.insert(
+                        dom.uuid.clone(),
+                        Entry {
+                            dom: dom.clone(),
+                            record: None,
+                            pending: Some(seq),
+                            touched: seq,
+                        },
+                    );
+                    Some(FetchRequest {
+                        conn,
+                        domain: dom,
+                        seq,
+                    })
+                }
+            },
             Lifecycle::Stopped | Lifecycle::Undefined => {
                 if !state.resyncs.is_empty() {
                     state.tombstones.insert(dom.uuid.clone(), seq);

@@ -124,14 +124,38 @@ fn stopped_event_removes_domain() {
     assert!(names(&mut inv).is_empty());
 }
 
+fn inactive(uuid: &str, name: &str) -> DomainRef {
+    DomainRef {
+        uuid: uuid.into(),
+        id: None,
+        name: name.into(),
+    }
+}
+
+#[test]
+fn undefined_of_a_running_domain_keeps_it_exported() {
+    let mut inv = Inventory::new();
+    start(&mut inv, dref("u1", 1, "vm1"), "kvm");
+    let v = inv.snapshot().version;
+    assert!(inv
+        .apply_event(C, dref("u1", 1, "vm1"), Lifecycle::Undefined)
+        .is_none());
+    assert_eq!(
+        names(&mut inv).len(),
+        1,
+        "a running domain that became transient still runs"
+    );
+    assert_eq!(inv.snapshot().version, v);
+}
+
 #[test]
 fn undefined_removes_if_present_and_is_harmless_otherwise() {
     let mut inv = Inventory::new();
     start(&mut inv, dref("u1", 1, "vm1"), "kvm");
-    inv.apply_event(C, dref("u1", 1, "vm1"), Lifecycle::Undefined);
+    inv.apply_event(C, inactive("u1", "vm1"), Lifecycle::Undefined);
     assert!(names(&mut inv).is_empty());
     let v = inv.snapshot().version;
-    inv.apply_event(C, dref("u9", 9, "other"), Lifecycle::Undefined);
+    inv.apply_event(C, inactive("u9", "other"), Lifecycle::Undefined);
     assert_eq!(inv.snapshot().version, v);
 }
 
