@@ -56,18 +56,13 @@ impl<E> Reporting<E> {
 }
 
 impl<E: PushMetricExporter> PushMetricExporter for Reporting<E> {
-    fn export(
-        &self,
-        metrics: &ResourceMetrics,
-    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        async move {
-            let result = self.inner.export(metrics).await;
-            match &result {
-                Ok(()) => self.succeeded(),
-                Err(e) => self.failed(e),
-            }
-            result
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        match &result {
+            Ok(()) => self.succeeded(),
+            Err(e) => self.failed(e),
         }
+        result
     }
 
     fn force_flush(&self) -> OTelSdkResult {
