@@ -93,6 +93,7 @@ const DEMO_NAMES: [&str; 5] = [
     "web-frontend",
 ];
 
+/// Kills and reaps a child process on drop (agent or receiver).
 struct AgentProc(Child);
 impl Drop for AgentProc {
     fn drop(&mut self) {
@@ -233,24 +234,30 @@ open(os.path.join(d, 'port'), 'w').write(str(srv.server_address[1]))
 srv.serve_forever()
 "#;
 
-#[test]
-fn http_export_over_mutual_tls_reaches_the_receiver() {
-    let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path());
+/// Start the Python HTTPS receiver in `dir` (which holds the PKI); returns its guard and port.
+fn start_https_receiver(dir: &Path) -> (AgentProc, u16) {
     let server = Command::new("python3")
         .args(["-c", HTTPS_SERVER])
-        .arg(dir.path())
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _server = AgentProc(server);
+    let guard = AgentProc(server);
     let port: u16 = wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.path().join("port"))
+        std::fs::read_to_string(dir.join("port"))
             .ok()
             .and_then(|p| p.trim().parse().ok())
     })
     .expect("HTTPS receiver started");
+    (guard, port)
+}
+
+#[test]
+fn http_export_over_mutual_tls_reaches_the_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let (_server, port) = start_https_receiver(dir.path());
     let _agent = spawn_agent(
         "http/protobuf",
         &format!("https://localhost:{port}/v1/metrics"),
@@ -281,20 +288,7 @@ fn a_collector_with_an_untrusted_certificate_receives_nothing() {
     // verifying the server's certificate must fail, so nothing is sent.
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path());
-    let server = Command::new("python3")
-        .args(["-c", HTTPS_SERVER])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = AgentProc(server);
-    let port: u16 = wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.path().join("port"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-    })
-    .expect("HTTPS receiver started");
+    let (_server, port) = start_https_receiver(dir.path());
     let child = Command::new(BIN)
         .args([
             "--uri",

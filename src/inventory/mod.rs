@@ -221,6 +221,35 @@ struct ConnState {
     tombstones: HashMap<String, u64>,
 }
 
+/// An event that leaves a known domain as it is: only note that it was touched. An unknown
+/// active domain (its START was missed) gets an entry and a fetch.
+fn keep_or_fetch(
+    state: &mut ConnState,
+    conn: ConnId,
+    dom: DomainRef,
+    seq: u64,
+) -> Option<FetchRequest> {
+    if let Some(entry) = state.domains.get_mut(&dom.uuid) {
+        entry.touched = seq;
+        return None;
+    }
+    state.tombstones.remove(&dom.uuid);
+    state.domains.insert(
+        dom.uuid.clone(),
+        Entry {
+            dom: dom.clone(),
+            record: None,
+            pending: Some(seq),
+            touched: seq,
+        },
+    );
+    Some(FetchRequest {
+        conn,
+        domain: dom,
+        seq,
+    })
+}
+
 /// The inventory. Single writer; wrap it in a mutex to share.
 #[derive(Debug, Default)]
 pub struct Inventory {
@@ -294,60 +323,14 @@ impl Inventory {
                     seq,
                 })
             }
+            // Keep as is; but an active domain we do not know (a missed START) is read now.
+            // Undefining a running domain only makes it transient: it keeps running (the event
+            // still carries its id), so it is treated the same way.
             Lifecycle::Suspended
             | Lifecycle::PmSuspended
             | Lifecycle::Shutdown
-            | Lifecycle::Crashed => {
-                // Keep as is; but an active domain we do not know (a missed START) is read now.
-                match state.domains.get_mut(&dom.uuid) {
-                    Some(entry) => {
-                        entry.touched = seq;
-                        None
-                    }
-                    None => {
-                        state.tombstones.remove(&dom.uuid);
-                        state.domains.insert(
-                            dom.uuid.clone(),
-                            Entry {
-                                dom: dom.clone(),
-                                record: None,
-                                pending: Some(seq),
-                                touched: seq,
-                            },
-                        );
-                        Some(FetchRequest {
-                            conn,
-                            domain: dom,
-                            seq,
-                        })
-                    }
-                }
-            }
-            // Undefining a running domain only makes it transient: it keeps running (the event
-            // still carries its id), so it stays exported like after a SUSPENDED.
-            Lifecycle::Undefined if dom.id.is_some() => match state.domains.get_mut(&dom.uuid) {
-                Some(entry) => {
-                    entry.touched = seq;
-                    None
-                }
-                None => {
-                    state.tombstones.remove(&dom.uuid);
-                    state.domains.insert(
-                        dom.uuid.clone(),
-                        Entry {
-                            dom: dom.clone(),
-                            record: None,
-                            pending: Some(seq),
-                            touched: seq,
-                        },
-                    );
-                    Some(FetchRequest {
-                        conn,
-                        domain: dom,
-                        seq,
-                    })
-                }
-            },
+            | Lifecycle::Crashed => keep_or_fetch(state, conn, dom, seq),
+            Lifecycle::Undefined if dom.id.is_some() => keep_or_fetch(state, conn, dom, seq),
             Lifecycle::Stopped | Lifecycle::Undefined => {
                 if !state.resyncs.is_empty() {
                     state.tombstones.insert(dom.uuid.clone(), seq);
