@@ -27,6 +27,8 @@ type Points = Arc<Mutex<Vec<(String, String)>>>;
 /// self-metric counter. Must be called inside a multi-thread tokio runtime (the tonic exporter spawns
 /// its channel worker on it).
 fn provider(rx: &Receiver, transport: Transport, gzip: bool, points: Points) -> SdkMeterProvider {
+    // The package links reqwest's rustls without a built-in provider: install ring, as the agent does.
+    virt_hypervisor_agent::export::otlp::install_crypto_provider();
     let timeout = Duration::from_secs(3);
     let exporter = match transport {
         Transport::Grpc => {

@@ -46,8 +46,17 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
     })
 }
 
+/// Make ring the process-wide rustls crypto provider (idempotent). The agent links reqwest with
+/// `rustls-no-provider` (to share tonic's ring instead of adding aws-lc), so any reqwest client
+/// built without an explicit configuration, such as the SDK's default HTTP client, needs it.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed: fine either way.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Build the exporter. Must run inside a multi-thread tokio runtime.
 pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
+    install_crypto_provider();
     let ca = tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE");
     let cert = tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE");
     let key = tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY");
