@@ -9,13 +9,18 @@
 #
 # Environment (optional): BENCH_SIZES (idle N list, default 10,50,100), BENCH_IDLE_SECS (60),
 # BENCH_TRANSITIONS (100), BENCH_PEER_TRANSITIONS (50), BENCH_SCRAPE_SECS (15), BENCH_SYNC_RUNS (5),
-# BENCH_SCALE_SIZES (0,100,1000,10000), BENCH_OUT (bench/out).
+# BENCH_SCALE_SIZES (0,100,1000,10000), BENCH_OUT (bench/out), BENCH_DAEMON (private or system).
 #
 # What it does: installs what is missing (scripts/setup.sh, the peer prometheus-libvirt-exporter,
-# curl), starts the system libvirtd unless one answers (and stops it at the end only if it started
-# it), builds the agent in release mode, runs the parser criterion bench, the simulated scale bench
-# and the live bench (benches/suite.rs; its domains are named vha-b-<pid>_* and removed at the
-# end), then the report. Nothing here asserts on time.
+# curl), builds the agent in release mode, runs the parser criterion bench, the simulated scale bench
+# and the live bench (benches/suite.rs), then the report. Nothing here asserts on time.
+#
+# The live bench runs against a private libvirt daemon by default (BENCH_DAEMON=private): a session
+# libvirtd of its own, as user vha-bench (created when missing), stopped at the end. On a shared
+# machine other people's tests make the system daemon busy, and that noise is larger than the
+# agent's whole idle cost. BENCH_DAEMON=system uses qemu:///system instead (started by
+# scripts/libvirtd.sh unless one answers, stopped at the end only if started here). Its domains are
+# named vha-b-<pid>_* and removed at the end, also on Ctrl-C.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +33,7 @@ for arg in "$@"; do
     --write) WRITE=1 ;;
     --report) MODE=report ;;
     -h | --help)
-        sed -n '2,20p' "$0"
+        sed -n "2,28p" "$0"
         exit 0
         ;;
     *)
@@ -58,7 +63,18 @@ PEER_TRANSITIONS=${BENCH_PEER_TRANSITIONS:-50}
 SCRAPE_SECS=${BENCH_SCRAPE_SECS:-15}
 SYNC_RUNS=${BENCH_SYNC_RUNS:-5}
 SCALE_SIZES=${BENCH_SCALE_SIZES:-0,100,1000,10000}
-COMMAND="bash bench/run.sh$([[ $WRITE == 1 ]] && echo ' --write')$([[ $MODE == quick ]] && echo ' --quick')"
+DAEMON=${BENCH_DAEMON:-private}
+case $DAEMON in
+private) URI=private ;;
+system) URI=qemu:///system ;;
+*)
+    echo "run.sh: BENCH_DAEMON must be private or system" >&2
+    exit 2
+    ;;
+esac
+COMMAND="bash bench/run.sh"
+[[ $WRITE == 0 ]] || COMMAND+=" --write"
+[[ $MODE != quick ]] || COMMAND+=" --quick"
 
 suite() { cargo bench -q --bench suite -- "$@"; }
 
@@ -109,8 +125,11 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-export VHA_STATE_DIR=${VHA_BENCH_STATE_DIR:-/tmp/vha-bench}
-LIBVIRTD=$(bash scripts/libvirtd.sh start)
+LIBVIRTD=none
+if [[ $DAEMON == system ]]; then
+    export VHA_STATE_DIR=${VHA_BENCH_STATE_DIR:-/tmp/vha-bench}
+    LIBVIRTD=$(bash scripts/libvirtd.sh start)
+fi
 on_exit() {
     local rc=$?
     if [[ $LIBVIRTD == started ]]; then
@@ -121,12 +140,16 @@ on_exit() {
 trap on_exit EXIT
 
 date +%s >"$OUT/started-at"
-rm -f "$OUT/live.json" "$OUT/scale.json"
+rm -f "$OUT/live.json" "$OUT/scale.json" "$OUT/build.json"
 
 log "cargo build --release (the agent) and the bench binaries"
 cargo build --release -q
 # Run a private copy: the shared target directory may be rebuilt by someone else meanwhile.
 cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/virt-hypervisor-agent" "$OUT/virt-hypervisor-agent"
+# What was built (others may commit while this runs): commit, uncommitted source files, time.
+dirty=$(git status --porcelain -- src Cargo.toml | awk '{print $NF}' | paste -sd, -)
+printf '{"git": "%s%s", "date_utc": "%s"}\n' "$(git rev-parse --short HEAD)" \
+    "${dirty:+ + uncommitted changes in $dirty}" "$(date -u '+%Y-%m-%d %H:%M UTC')" >"$OUT/build.json"
 cargo bench -q --bench suite --no-run
 
 log "parser (criterion): cargo bench --bench parser -- ${PARSER_ARGS[*]}"
@@ -135,8 +158,8 @@ cargo bench -q --bench parser -- "${PARSER_ARGS[@]}" 2>&1 | grep -E '^[a-z].*/|t
 log "scale (simulated): sizes $SCALE_SIZES"
 suite scale-all --out "$OUT" --sizes "$SCALE_SIZES" --collections "$COLLECTIONS"
 
-log "live (system libvirtd $LIBVIRTD): sizes $SIZES, ${IDLE_SECS}s windows"
-suite live --agent-bin "$OUT/virt-hypervisor-agent" --out "$OUT" --sizes "$SIZES" \
+log "live ($DAEMON libvirt daemon): sizes $SIZES, ${IDLE_SECS}s windows"
+suite live --uri "$URI" --agent-bin "$OUT/virt-hypervisor-agent" --out "$OUT" --sizes "$SIZES" \
     --idle-secs "$IDLE_SECS" --transitions "$TRANSITIONS" --peer-transitions "$PEER_TRANSITIONS" \
     --scrape-secs "$SCRAPE_SECS" --sync-runs "$SYNC_RUNS"
 

@@ -17,6 +17,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
+#[path = "../bench/suite/daemon.rs"]
+mod daemon;
 #[path = "../bench/suite/live.rs"]
 mod live;
 #[path = "../bench/suite/report.rs"]
@@ -81,7 +83,7 @@ fn real_main() -> Result<()> {
     match mode.as_str() {
         "live" => {
             let o = live::LiveOpts {
-                uri: args.str_or("--uri", "qemu:///system"),
+                uri: args.str_or("--uri", "private"),
                 agent_bin: PathBuf::from(
                     args.get("--agent-bin")
                         .context("--agent-bin PATH (the release build) is required")?,
@@ -94,6 +96,11 @@ fn real_main() -> Result<()> {
                 peer_transitions: args.num("--peer-transitions", 50)?,
                 scrape_secs: args.num("--scrape-secs", 15.0)?,
                 sync_runs: args.num("--sync-runs", 5)?,
+                phases: args
+                    .get("--phases")
+                    .map(|p| p.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
+                perf: args.get("--perf").map(PathBuf::from),
             };
             live::run(&o)?;
         }

@@ -28,6 +28,8 @@ pub const PREFIX: &str = "vha-b-";
 /// Options of the `live` mode.
 #[derive(Clone, Debug)]
 pub struct LiveOpts {
+    /// `private` (a libvirt session daemon of our own, see daemon.rs) or a libvirt URI of a
+    /// running daemon such as `qemu:///system`.
     pub uri: String,
     pub agent_bin: PathBuf,
     pub peer_bin: String,
@@ -39,6 +41,17 @@ pub struct LiveOpts {
     pub peer_transitions: usize,
     pub scrape_secs: f64,
     pub sync_runs: usize,
+    /// Phases to run (empty: all): `idle`, `sync`, `visibility` (agent visibility and
+    /// per-transition CPU), `peer` (peer visibility).
+    pub phases: Vec<String>,
+    /// Record `perf record -g` of the agent during its transitions into this directory.
+    pub perf: Option<PathBuf>,
+}
+
+impl LiveOpts {
+    fn wants(&self, phase: &str) -> bool {
+        self.phases.is_empty() || self.phases.iter().any(|p| p == phase)
+    }
 }
 
 // ---------------------------------------------------------------- results
@@ -128,6 +141,8 @@ pub struct LiveResult {
     pub peer_cpu_per_scrape_ms: f64,
     pub libvirtd_cpu_per_scrape_ms: f64,
     pub debounce_ms: f64,
+    /// Which libvirt daemon was measured.
+    pub daemon: String,
     pub notes: Vec<String>,
 }
 
@@ -385,7 +400,7 @@ impl AgentProc {
         std::fs::write(
             &cfg,
             format!(
-                "# written by the benchmark (bench/suite/live.rs)\nnode_name: bench-node\nlibvirt:\n  uris:\n    - {}\n",
+                "# written by the benchmark (bench/suite/live.rs)\nnode_name: bench-node\nlibvirt:\n  uris:\n    - \"{}\"\n",
                 o.uri
             ),
         )?;
@@ -704,8 +719,8 @@ impl Ctx<'_> {
         }
     }
 
-    fn sleep(&self, secs: f64) {
-        std::thread::sleep(Duration::from_secs_f64(secs));
+    fn sleep(&self, secs: f64) -> Result<()> {
+        util::sleep(Duration::from_secs_f64(secs))
     }
 
     fn idle_row(&mut self, n: usize) -> Result<IdleRow> {
@@ -721,10 +736,10 @@ impl Ctx<'_> {
         let mut foreign = 0;
 
         // libvirtd alone.
-        self.sleep(2.0);
+        self.sleep(2.0)?;
         let t0 = Instant::now();
         let l0 = Cpu::read(lv)?;
-        std::thread::sleep(window);
+        util::sleep(window)?;
         let l1 = Cpu::read(lv)?;
         foreign += self
             .events
@@ -734,11 +749,11 @@ impl Ctx<'_> {
         // The agent.
         let (agent, first) = self.agent_until_synced(&[], &format!("idle-{n}"))?;
         row.agent_sync_secs = first.at.duration_since(agent.spawned).as_secs_f64();
-        self.sleep(3.0);
+        self.sleep(3.0)?;
         let t0 = Instant::now();
         let th0 = util::threads(agent.pid());
         let (a0, l0) = (Cpu::read(agent.pid())?, Cpu::read(lv)?);
-        std::thread::sleep(window);
+        util::sleep(window)?;
         let (a1, l1) = (Cpu::read(agent.pid())?, Cpu::read(lv)?);
         let th1 = util::threads(agent.pid());
         let t1 = Instant::now();
@@ -760,7 +775,7 @@ impl Ctx<'_> {
 
         // The peer, scraped every scrape_secs, the scrapes centred in the window.
         let peer = PeerProc::spawn(o)?;
-        self.sleep(2.0);
+        self.sleep(2.0)?;
         let t0 = Instant::now();
         let (p0, l0) = (Cpu::read(peer.pid())?, Cpu::read(lv)?);
         let scraper = Scraper::start(
@@ -768,7 +783,7 @@ impl Ctx<'_> {
             t0 + Duration::from_secs_f64(o.scrape_secs / 2.0),
             Duration::from_secs_f64(o.scrape_secs),
         );
-        std::thread::sleep(window);
+        util::sleep(window)?;
         let (p1, l1) = (Cpu::read(peer.pid())?, Cpu::read(lv)?);
         let t1 = Instant::now();
         let scrapes = scraper.finish();
@@ -796,7 +811,7 @@ impl Ctx<'_> {
         };
         for run in 0..runs {
             // Floor: one virsh process, one connection, every domain's XML.
-            self.sleep(1.0);
+            self.sleep(1.0)?;
             let l0 = Cpu::read(lv)?;
             let c0 = util::children_cpu_secs();
             let t = Instant::now();
@@ -820,7 +835,7 @@ impl Ctx<'_> {
                 ("default", &[][..]),
                 ("debounce-1ms", &["export.debounce=1ms"][..]),
             ] {
-                self.sleep(1.0);
+                self.sleep(1.0)?;
                 let l0 = Cpu::read(lv)?;
                 let (agent, first) =
                     self.agent_until_synced(sets, &format!("sync-{variant}-{run}"))?;
@@ -860,16 +875,35 @@ impl Ctx<'_> {
         idle_rate: f64,
     ) -> Result<(Visibility, TransitionCost)> {
         let (agent, _) = self.agent_until_synced(&[], "visibility")?;
-        self.sleep(2.0);
+        self.sleep(2.0)?;
         let key = self.doms.key(vis);
         let mut lat = Vec::new();
         let (mut starts, mut stops, mut missed) = (0, 0, 0);
         let mut rng = util::Rng::new();
+        let mut perf = match &self.o.perf {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let data = dir.join("transitions.perf.data");
+                let child = Command::new("perf")
+                    .args(["record", "-F", "4999", "-g", "-o"])
+                    .arg(&data)
+                    .args(["-p", &agent.pid().to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("spawn perf record")?;
+                eprintln!("live:   recording perf into {}", data.display());
+                self.sleep(1.0)?;
+                Some(child)
+            }
+            None => None,
+        };
         let th0 = util::threads(agent.pid());
         let a0 = Cpu::read(agent.pid())?;
         let l0 = Cpu::read(self.libvirtd)?;
         let t_begin = Instant::now();
         for i in 0..k {
+            util::interrupted()?;
             let start = i % 2 == 0;
             let t_issue = Instant::now();
             if start {
@@ -886,13 +920,17 @@ impl Ctx<'_> {
                 Some(r) => lat.push(signed_secs(r.at, t_ret)),
                 None => missed += 1,
             }
-            std::thread::sleep(Duration::from_millis(rng.range(50, 300)));
+            util::sleep(Duration::from_millis(rng.range(50, 300)))?;
         }
         let elapsed = t_begin.elapsed().as_secs_f64();
         let a1 = Cpu::read(agent.pid())?;
         let l1 = Cpu::read(self.libvirtd)?;
         let th1 = util::threads(agent.pid());
         let exports = self.sink.since(t_begin).len();
+        if let Some(p) = perf.as_mut() {
+            util::signal(p.id(), libc::SIGINT);
+            let _ = p.wait();
+        }
         if k % 2 == 1 {
             let _ = virsh(&self.o.uri, &format!("destroy {vis}"));
         }
@@ -954,7 +992,7 @@ impl Ctx<'_> {
             }
             let free: Vec<usize> = (0..pool.len()).filter(|i| pending[*i].is_none()).collect();
             if free.is_empty() {
-                std::thread::sleep(Duration::from_millis(200));
+                util::sleep(Duration::from_millis(200))?;
                 continue;
             }
             let i = free[rng.range(0, free.len() as u64) as usize];
@@ -971,13 +1009,13 @@ impl Ctx<'_> {
             running[i] = start;
             pending[i] = Some((issued, ret, start));
             done_issuing += 1;
-            std::thread::sleep(Duration::from_millis(rng.range(500, 3500)));
+            util::sleep(Duration::from_millis(rng.range(500, 3500)))?;
         }
         // Wait for the last ones (two scrape intervals at most).
         let until = Instant::now() + every * 2 + Duration::from_secs(5);
         while pending.iter().any(Option::is_some) && Instant::now() < until {
             resolve(&mut pending, &mut lat, &scraper.scrapes());
-            std::thread::sleep(Duration::from_millis(200));
+            util::sleep(Duration::from_millis(200))?;
         }
         resolve(&mut pending, &mut lat, &scraper.scrapes());
         let missed = pending.iter().filter(|p| p.is_some()).count();
@@ -1015,30 +1053,65 @@ fn stats(lat: Vec<f64>, starts: usize, stops: usize, missed: usize) -> Visibilit
 }
 
 /// `live` mode. Writes `<out>/live.json`.
-pub fn run(o: &LiveOpts) -> Result<LiveResult> {
-    std::fs::create_dir_all(&o.out)?;
-    if !o.agent_bin.exists() {
+pub fn run(opts: &LiveOpts) -> Result<LiveResult> {
+    std::fs::create_dir_all(&opts.out)?;
+    if !opts.agent_bin.exists() {
         bail!(
             "agent binary {} not found (cargo build --release)",
-            o.agent_bin.display()
+            opts.agent_bin.display()
         );
     }
-    virsh(&o.uri, "version").context("libvirt does not answer (bash scripts/libvirtd.sh start)")?;
-    let libvirtd = libvirtd_pid()?;
-    remove_leftovers(&o.uri);
-    let events = EventMonitor::start(&o.uri)?;
-    let mut ctx = Ctx {
-        o,
-        sink: Sink::start(0)?,
-        doms: Domains::new(&o.uri),
-        libvirtd,
-        events,
-        notes: Vec::new(),
+    util::install_stop_handler();
+    let mut o = opts.clone();
+    let mut daemon = None;
+    let (libvirtd, described) = if o.uri == "private" {
+        eprintln!(
+            "live: starting a private libvirt daemon (session mode, user {})",
+            crate::daemon::USER
+        );
+        let d = crate::daemon::PrivateDaemon::start()?;
+        o.uri = d.uri.clone();
+        let pid = d.pid;
+        let desc = format!(
+            "a private libvirtd (session mode, run as user `{}`, runtime dir {}) that nobody else uses",
+            crate::daemon::USER,
+            d.dir().display()
+        );
+        daemon = Some(d);
+        (pid, desc)
+    } else {
+        virsh(&o.uri, "version")
+            .context("libvirt does not answer (bash scripts/libvirtd.sh start)")?;
+        remove_leftovers(&o.uri);
+        (
+            libvirtd_pid()?,
+            format!(
+                "the shared daemon at {} (other users' activity is counted and flagged)",
+                o.uri
+            ),
+        )
     };
-    let result = run_phases(&mut ctx);
-    eprintln!("live: cleaning up the domains of this run");
-    ctx.doms.cleanup();
-    let result = result?;
+    let result = (|| {
+        let events = EventMonitor::start(&o.uri)?;
+        let mut ctx = Ctx {
+            o: &o,
+            sink: Sink::start(0)?,
+            doms: Domains::new(&o.uri),
+            libvirtd,
+            events,
+            notes: Vec::new(),
+        };
+        let result = run_phases(&mut ctx);
+        eprintln!("live: cleaning up the domains of this run");
+        ctx.doms.cleanup();
+        result
+    })();
+    if let Some(mut d) = daemon {
+        eprintln!("live: stopping the private libvirtd");
+        d.stop();
+    }
+    let mut result = result?;
+    result.daemon = described;
     std::fs::write(
         o.out.join("live.json"),
         serde_json::to_string_pretty(&result)?,
@@ -1068,11 +1141,13 @@ fn run_phases(ctx: &mut Ctx) -> Result<LiveResult> {
     };
 
     // RSS of the agent with none of our domains.
-    let (agent, _) = ctx.agent_until_synced(&[], "zero")?;
-    std::thread::sleep(Duration::from_secs(2));
-    res.agent_mem_zero = util::mem(agent.pid())?;
-    agent.stop();
-    ctx.sink.clear();
+    if o.wants("idle") {
+        let (agent, _) = ctx.agent_until_synced(&[], "zero")?;
+        util::sleep(Duration::from_secs(2))?;
+        res.agent_mem_zero = util::mem(agent.pid())?;
+        agent.stop();
+        ctx.sink.clear();
+    }
 
     let mut started = 0;
     for &n in &sizes {
@@ -1084,6 +1159,9 @@ fn run_phases(ctx: &mut Ctx) -> Result<LiveResult> {
         ctx.doms.start_paused(&names)?;
         eprintln!("live:   started in {:.1} s", t.elapsed().as_secs_f64());
         started = n;
+        if !o.wants("idle") {
+            continue;
+        }
         eprintln!(
             "live: idle windows at N={n}: libvirtd alone, agent, peer ({} s each)",
             o.idle_secs
@@ -1124,27 +1202,35 @@ fn run_phases(ctx: &mut Ctx) -> Result<LiveResult> {
         }
     }
 
-    eprintln!("live: initial sync at N={max_n}, {} runs", o.sync_runs);
-    res.sync = ctx.initial_sync(o.sync_runs)?;
+    if o.wants("sync") {
+        eprintln!("live: initial sync at N={max_n}, {} runs", o.sync_runs);
+        res.sync = ctx.initial_sync(o.sync_runs)?;
+    }
 
     let idle_rate = res
         .idle
         .last()
         .map(|r| r.agent.secs / r.window_secs)
         .unwrap_or(0.0);
-    let vis0 = ctx.doms.name("vis0");
-    eprintln!(
-        "live: agent change visibility, {} transitions of {vis0}",
-        o.transitions
-    );
-    let (vis, cost) = ctx.agent_visibility(o.transitions, &vis0, idle_rate)?;
-    eprintln!(
-        "live:   p50 {:.3} s p99 {:.3} s; agent CPU {:.3} ms per transition",
-        vis.p50, vis.p99, cost.per_transition_ms
-    );
-    res.agent_visibility = vis;
-    res.agent_transition_cost = cost;
+    if o.wants("visibility") {
+        let vis0 = ctx.doms.name("vis0");
+        eprintln!(
+            "live: agent change visibility, {} transitions of {vis0}",
+            o.transitions
+        );
+        let (vis, cost) = ctx.agent_visibility(o.transitions, &vis0, idle_rate)?;
+        eprintln!(
+            "live:   p50 {:.3} s p99 {:.3} s; agent CPU {:.3} ms per transition",
+            vis.p50, vis.p99, cost.per_transition_ms
+        );
+        res.agent_visibility = vis;
+        res.agent_transition_cost = cost;
+    }
 
+    if !o.wants("peer") {
+        res.notes = std::mem::take(&mut ctx.notes);
+        return Ok(res);
+    }
     let pool: Vec<String> = (0..pool_n)
         .map(|i| ctx.doms.name(&format!("vis{i}")))
         .collect();

@@ -118,7 +118,19 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
         .transpose()
         .context("parse scale.json")?;
     let crit = criterion_results(&o.criterion, o.since);
-    let m = Machine::describe(&o.repo);
+    let mut m = Machine::describe(&o.repo);
+    // The commit and time of the build, recorded by bench/run.sh (the tree may move meanwhile).
+    if let Some(b) = std::fs::read_to_string(o.out.join("build.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    {
+        if let Some(g) = b.get("git").and_then(|v| v.as_str()) {
+            m.git = g.to_string();
+        }
+        if let Some(d) = b.get("date_utc").and_then(|v| v.as_str()) {
+            m.date_utc = format!("{d} (start)");
+        }
+    }
     let mut md = String::new();
     let w = &mut md;
 
@@ -226,7 +238,12 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
 
     // ------------------------------------------------------------ details
     if let Some(l) = &live {
-        writeln!(w, "### 1. Idle cost (CPU seconds per window, real paused TCG domains on the system libvirtd)")?;
+        writeln!(
+            w,
+            "### 1. Idle cost (CPU seconds per window, real paused TCG domains)"
+        )?;
+        writeln!(w)?;
+        writeln!(w, "libvirt daemon measured: {}.", l.daemon)?;
         writeln!(w)?;
         writeln!(w, "Windows run one after another at each N: libvirtd with no client, then the agent (after its initial sync), then the peer (scraped every {:.0} s, scrapes inside the window). CPU from the process CPU clock; `/proc/<pid>/stat` utime+stime (10 ms ticks) in brackets.", l.peer_scrape_interval_secs)?;
         writeln!(w)?;

@@ -421,3 +421,41 @@ pub fn thread_shares(
     }
     v
 }
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// SIGINT/SIGTERM set a flag that [`sleep`] turns into an error, so the benchmark unwinds through
+/// its cleanup (domains, the private daemon) instead of dying with QEMU processes left behind.
+pub fn install_stop_handler() {
+    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Whether a stop signal arrived.
+pub fn interrupted() -> Result<()> {
+    if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted by a signal");
+    }
+    Ok(())
+}
+
+/// Sleep, in slices, failing as soon as a stop signal arrives.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(100)));
+    }
+}
