@@ -2,7 +2,7 @@
 # The benchmarks of issue 5 in one command: prints the tables and writes bench/out/results.md (the
 # generated part of BENCHMARKS.md) and docs/idle-cpu-vs-n.svg.
 #
-#   bash bench/run.sh            full run (about 25 minutes; needs root, ~4.5 GiB free RAM)
+#   bash bench/run.sh            full run (about 35 minutes; needs root, ~4.5 GiB free RAM)
 #   bash bench/run.sh --write    same, then replace the generated section of BENCHMARKS.md
 #   bash bench/run.sh --quick    a few minutes, tiny sizes: checks the machinery, numbers meaningless
 #   bash bench/run.sh --report   only rebuild the tables from the last results in bench/out

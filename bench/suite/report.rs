@@ -283,7 +283,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
             .collect();
         writeln!(
             w,
-            "Other users of the shared daemon during the windows: {}.",
+            "Other users' domains on the daemon, and their lifecycle events during the windows: {}.",
             fd.join("; ")
         )?;
         writeln!(w, "Agent RSS with none of our domains: {} (anonymous + file-backed; file-backed is the binary and the shared libraries libvirt pulls in, shared with other processes).", mem_str(&l.agent_mem_zero))?;
