@@ -50,6 +50,7 @@ pub struct Exporter {
     provider: Option<SdkMeterProvider>,
     wake: Arc<Notify>,
     urgent: Arc<AtomicBool>,
+    urgent_wake: Arc<Notify>,
 }
 
 impl Exporter {
@@ -102,6 +103,7 @@ impl Exporter {
             provider: Some(provider),
             wake: Arc::new(Notify::new()),
             urgent: Arc::new(AtomicBool::new(false)),
+            urgent_wake: Arc::new(Notify::new()),
         })
     }
 
@@ -110,6 +112,7 @@ impl Exporter {
         PushTrigger {
             wake: Arc::clone(&self.wake),
             urgent: Arc::clone(&self.urgent),
+            urgent_wake: Arc::clone(&self.urgent_wake),
         }
     }
 
@@ -121,11 +124,17 @@ impl Exporter {
         let provider = self.provider.clone()?;
         let wake = Arc::clone(&self.wake);
         let urgent = Arc::clone(&self.urgent);
+        let urgent_wake = Arc::clone(&self.urgent_wake);
         Some(tokio::spawn(async move {
             loop {
                 wake.notified().await;
+                // Wait the debounce, unless an urgent push arrives (before or during it).
                 if !urgent.swap(false, Ordering::AcqRel) {
-                    tokio::time::sleep(debounce).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(debounce) => {}
+                        _ = urgent_wake.notified() => {}
+                    }
+                    urgent.store(false, Ordering::Release);
                 }
                 let p = provider.clone();
                 let started = Instant::now();
@@ -168,6 +177,7 @@ impl Exporter {
 pub struct PushTrigger {
     wake: Arc<Notify>,
     urgent: Arc<AtomicBool>,
+    urgent_wake: Arc<Notify>,
 }
 
 impl PushTrigger {
@@ -178,6 +188,7 @@ impl PushTrigger {
     /// Push without waiting for the debounce (the first complete picture after startup).
     pub fn push_now(&self) {
         self.urgent.store(true, Ordering::Release);
+        self.urgent_wake.notify_one();
         self.wake.notify_one();
     }
 }

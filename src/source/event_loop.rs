@@ -10,10 +10,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How often the loop wakes up without any libvirt activity (to notice a stop request).
-const WAKE_INTERVAL_MS: i32 = 200;
+/// A libvirt timer that is normally disabled (-1): [`stop`] arms it (0 = fire at once) to wake
+/// the loop so it notices the stop request, and its callback disarms it again. An idle agent
+/// therefore never wakes up for nothing (a periodic timer cost ~300 wakeups a minute).
+static WAKE_TIMER: OnceLock<i32> = OnceLock::new();
 
 static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn set_wake_timer(ms: i32) {
+    if let Some(id) = WAKE_TIMER.get() {
+        virt::event::EventTimeoutWatch(*id).event_update_timeout(ms);
+    }
+}
 static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
 
 #[derive(Debug)]
@@ -43,9 +51,11 @@ pub fn ensure_running() -> Result<(), EventLoopError> {
         // libvirt prints every error to stderr by default; the agent logs what matters itself.
         virt::error::clear_error_callback();
         virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
-        virt::event::event_add_timeout(WAKE_INTERVAL_MS, |_, _| {}, std::ptr::null_mut())
-            .map(|_| ())
-            .map_err(|e| format!("timer: {e}"))
+        let watch =
+            virt::event::event_add_timeout(-1, |_, _| set_wake_timer(-1), std::ptr::null_mut())
+                .map_err(|e| format!("timer: {e}"))?;
+        let _ = WAKE_TIMER.set(watch.0);
+        Ok(())
     });
     if let Err(e) = registered {
         return Err(if e.starts_with("timer: ") {
@@ -59,6 +69,8 @@ pub fn ensure_running() -> Result<(), EventLoopError> {
         r.users += 1;
         return Ok(());
     }
+    // A previous stop may have left the wake timer armed: disarm it for the new thread.
+    set_wake_timer(-1);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
@@ -109,6 +121,7 @@ pub fn stop(deadline: Duration) -> bool {
     };
     let Some(running) = running else { return true };
     running.stop.store(true, Ordering::Release);
+    set_wake_timer(0);
     let start = Instant::now();
     while !running.thread.is_finished() {
         if start.elapsed() > deadline {
