@@ -40,7 +40,7 @@ const DEFAULT_CYCLES: usize = 50;
 /// Memory one pod needs (libvirtd ~25-30 MB, paused 32 MiB TCG QEMU ~37-40 MB, virtlogd, virsh
 /// calls), with margin.
 const POD_BUDGET_MB: u64 = 120;
-/// Memory left to the rest of the machine (other engineers' builds and tests).
+/// Memory left to the rest of the machine (other builds and tests).
 const RESERVE_MB: u64 = 2048;
 /// Pods started at once (2 cores).
 const START_WORKERS: usize = 4;
