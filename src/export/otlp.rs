@@ -54,6 +54,18 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The settings both transports take the same way; unset ones fall through to the SDK's
+/// `OTEL_EXPORTER_OTLP_*` handling.
+fn endpoint_and_timeout<B: WithExportConfig>(mut b: B, cfg: &ExportConfig) -> B {
+    if let Some(ep) = &cfg.endpoint {
+        b = b.with_endpoint(ep.clone());
+    }
+    if let Some(t) = cfg.timeout {
+        b = b.with_timeout(t);
+    }
+    b
+}
+
 /// Build the exporter. Must run inside a multi-thread tokio runtime.
 pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
     install_crypto_provider();
@@ -62,17 +74,9 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
     let key = tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY");
     match protocol(cfg) {
         Protocol::Grpc => {
-            let mut b = MetricExporter::builder().with_tonic();
-            if let Some(ep) = &cfg.endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            if let Some(t) = cfg.timeout {
-                b = b.with_timeout(t);
-            }
-            if let Some(c) = cfg.compression {
-                if c == Compression::Gzip {
-                    b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-                }
+            let mut b = endpoint_and_timeout(MetricExporter::builder().with_tonic(), cfg);
+            if cfg.compression == Some(Compression::Gzip) {
+                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
             }
             if !cfg.headers.is_empty() {
                 let mut headers = http::HeaderMap::new();
@@ -109,19 +113,12 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
             b.build().map_err(ExportError::Build)
         }
         Protocol::HttpProtobuf => {
-            let mut b = MetricExporter::builder()
+            let http = MetricExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-            if let Some(ep) = &cfg.endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            if let Some(t) = cfg.timeout {
-                b = b.with_timeout(t);
-            }
-            if let Some(c) = cfg.compression {
-                if c == Compression::Gzip {
-                    b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-                }
+            let mut b = endpoint_and_timeout(http, cfg);
+            if cfg.compression == Some(Compression::Gzip) {
+                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
             }
             if !cfg.headers.is_empty() {
                 let headers: HashMap<String, String> = cfg

@@ -234,20 +234,29 @@ fn keep_or_fetch(
         return None;
     }
     state.tombstones.remove(&dom.uuid);
-    state.domains.insert(
-        dom.uuid.clone(),
-        Entry {
+    Some(request_fetch(state, conn, dom, seq))
+}
+
+/// Mark `dom` as awaiting a fetch stamped `seq` (creating its entry if needed; a record it
+/// already has stays exported until the fetch replaces it) and return the request.
+fn request_fetch(state: &mut ConnState, conn: ConnId, dom: DomainRef, seq: u64) -> FetchRequest {
+    let entry = state
+        .domains
+        .entry(dom.uuid.clone())
+        .or_insert_with(|| Entry {
             dom: dom.clone(),
             record: None,
-            pending: Some(seq),
+            pending: None,
             touched: seq,
-        },
-    );
-    Some(FetchRequest {
+        });
+    entry.dom = dom.clone();
+    entry.pending = Some(seq);
+    entry.touched = seq;
+    FetchRequest {
         conn,
         domain: dom,
         seq,
-    })
+    }
 }
 
 /// The inventory. Single writer; wrap it in a mutex to share.
@@ -305,23 +314,7 @@ impl Inventory {
         match event {
             Lifecycle::Started | Lifecycle::Resumed => {
                 state.tombstones.remove(&dom.uuid);
-                let entry = state
-                    .domains
-                    .entry(dom.uuid.clone())
-                    .or_insert_with(|| Entry {
-                        dom: dom.clone(),
-                        record: None,
-                        pending: None,
-                        touched: seq,
-                    });
-                entry.dom = dom.clone();
-                entry.pending = Some(seq);
-                entry.touched = seq;
-                Some(FetchRequest {
-                    conn,
-                    domain: dom,
-                    seq,
-                })
+                Some(request_fetch(state, conn, dom, seq))
             }
             // Keep as is; but an active domain we do not know (a missed START) is read now.
             // Undefining a running domain only makes it transient: it keeps running (the event
@@ -524,24 +517,8 @@ impl Inventory {
             self.seq += 1;
             let seq = self.seq;
             if let Some(state) = self.conns.get_mut(&conn) {
-                let entry = state
-                    .domains
-                    .entry(dom.uuid.clone())
-                    .or_insert_with(|| Entry {
-                        dom: dom.clone(),
-                        record: None,
-                        pending: None,
-                        touched: seq,
-                    });
-                entry.dom = dom.clone();
-                entry.pending = Some(seq);
-                entry.touched = seq;
+                report.fetches.push(request_fetch(state, conn, dom, seq));
             }
-            report.fetches.push(FetchRequest {
-                conn,
-                domain: dom,
-                seq,
-            });
         }
         if report.added + report.removed + report.replaced > 0 {
             self.changed();
