@@ -3,10 +3,10 @@
 //! (one connection per virt-launcher socket).
 //!
 //! - `scale`: collection time of the observable gauges (the agent's seven instruments, registered
-//!   as `src/export/mod.rs::register_instruments` does, with the same callbacks built on the
-//!   public `Inventory`, `Telemetry` and `export::domain_attributes`), read by the SDK's
-//!   `PeriodicReader` into an exporter that encodes the OTLP protobuf request (the same
-//!   `opentelemetry-proto` transform the OTLP exporter uses) and records its size.
+//!   by the agent's own `export::register_instruments` on a provider from
+//!   `export::provider_builder`), read by the SDK's `PeriodicReader` into an exporter that
+//!   encodes the OTLP protobuf request (the same `opentelemetry-proto` transform the OTLP
+//!   exporter uses) and records its size.
 //! - `rss`: the agent's real pipeline (`export::Exporter::start` with the OTLP/gRPC exporter)
 //!   exporting to a receiver in another process; the figure is this process's RSS.
 //! - `scale-all`: runs each of the above in a fresh process per size and writes `scale.json`.
@@ -19,14 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry::KeyValue;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::{
-    Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality,
-};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind, OptionalAttributes, Protocol};
@@ -65,6 +62,7 @@ fn synthetic(i: usize) -> (DomainRef, DomainFacts) {
         machine: Some("pc-q35-rhel9.4.0".to_string()),
         arch: Some("x86_64".to_string()),
         emulator: Some("/usr/libexec/qemu-kvm".to_string()),
+        live: true,
     };
     (
         DomainRef {
@@ -137,7 +135,6 @@ struct Seen {
 #[derive(Clone, Debug, Default)]
 struct Probe {
     first_callback: Option<Instant>,
-    info_cb_ns: u64,
     gzip: bool,
     seen: Seen,
 }
@@ -219,129 +216,19 @@ impl PushMetricExporter for EncodingExporter {
     }
 }
 
-/// The agent's instruments and callbacks (mirrors `register_instruments` in src/export/mod.rs),
-/// with a probe that records when the first callback of a collection ran and how long the info
-/// gauge's callback took.
-fn register_mirror(
-    provider: &SdkMeterProvider,
-    opt: OptionalAttributes,
-    inventory: Arc<Mutex<Inventory>>,
-    telemetry: Arc<Telemetry>,
-    probe: SharedProbe,
-) {
-    let meter = provider.meter(export::METER_NAME);
-    let node = NODE.to_string();
-
-    let (inv, tel, p) = (
-        Arc::clone(&inventory),
-        Arc::clone(&telemetry),
-        Arc::clone(&probe),
-    );
-    let _info = meter
-        .i64_observable_gauge(virt_hypervisor_agent::config::DEFAULT_METRIC_NAME)
-        .with_description("Hypervisor that runs each VM on this node")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            let t = Instant::now();
-            let snap = inv.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-            let conns = tel.connection_meta();
-            for d in &snap.domains {
-                let meta = conns.get(&d.conn);
-                let attrs = export::domain_attributes(
-                    d,
-                    &node,
-                    &opt,
-                    meta.and_then(|m| m.hypervisor_version.as_deref()),
-                    meta.and_then(|m| m.pod_uid.as_deref()),
-                );
-                obs.observe(1, &attrs);
-            }
-            lock(&p).info_cb_ns = t.elapsed().as_nanos() as u64;
-        })
-        .build();
-
-    let (inv, p) = (Arc::clone(&inventory), Arc::clone(&probe));
-    let _domains = meter
-        .i64_observable_gauge("virt_hypervisor_agent_domains")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            let snap = inv.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
-            for (t, n) in snap.count_by_type() {
-                obs.observe(n as i64, &[KeyValue::new("hypervisor_type", t.as_str())]);
-            }
-        })
-        .build();
-
-    let (tel, p) = (Arc::clone(&telemetry), Arc::clone(&probe));
-    let _up = meter
-        .i64_observable_gauge("virt_hypervisor_agent_connection_up")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            for m in tel.connection_meta().values() {
-                obs.observe(
-                    i64::from(m.up),
-                    &[KeyValue::new("connection", m.label.clone())],
-                );
-            }
-        })
-        .build();
-
-    let (tel, p) = (Arc::clone(&telemetry), Arc::clone(&probe));
-    let _reconnects = meter
-        .u64_observable_counter("virt_hypervisor_agent_reconnects")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            for m in tel.connection_meta().values() {
-                obs.observe(
-                    m.reconnects,
-                    &[KeyValue::new("connection", m.label.clone())],
-                );
-            }
-        })
-        .build();
-
-    let (tel, p) = (Arc::clone(&telemetry), Arc::clone(&probe));
-    let _sync = meter
-        .f64_observable_gauge("virt_hypervisor_agent_last_sync_duration")
-        .with_unit("s")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            for m in tel.connection_meta().values() {
-                if let Some(d) = m.last_sync {
-                    obs.observe(
-                        d.as_secs_f64(),
-                        &[KeyValue::new("connection", m.label.clone())],
-                    );
-                }
-            }
-        })
-        .build();
-
-    let (tel, p) = (Arc::clone(&telemetry), Arc::clone(&probe));
-    let _events = meter
-        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            for ev in Lifecycle::ALL {
-                obs.observe(tel.events(ev), &[KeyValue::new("event", ev.as_str())]);
-            }
-        })
-        .build();
-
-    let (tel, p) = (Arc::clone(&telemetry), Arc::clone(&probe));
-    let _errors = meter
-        .u64_observable_counter("virt_hypervisor_agent_xml_errors")
-        .with_callback(move |obs| {
-            mark_callback(&p);
-            for (kind, n) in tel.xml_errors() {
-                obs.observe(n, &[KeyValue::new("kind", kind)]);
-            }
-        })
+/// A probe instrument, registered before the agent's: the SDK runs callbacks in registration
+/// order, so its callback marks the start of a collection. It observes nothing (no data point).
+fn register_probe(provider: &SdkMeterProvider, probe: SharedProbe) {
+    let _probe = provider
+        .meter("bench-probe")
+        .i64_observable_gauge("bench_collection_probe")
+        .with_callback(move |_obs| mark_callback(&probe))
         .build();
 }
 
 /// Timing results for one size.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ScaleResult {
     pub domains: usize,
     pub conns: usize,
@@ -361,8 +248,6 @@ pub struct ScaleResult {
     /// Same, with one domain changed before every collection (snapshot rebuilt).
     pub collect_changed_ms_p50: f64,
     pub collect_changed_ms_p99: f64,
-    /// The info gauge's callback alone (snapshot + attributes + observe), ms, unchanged.
-    pub info_callback_ms_p50: f64,
     /// force_flush() round trip (reader thread handoff + collect + encode), ms.
     pub flush_ms_p50: f64,
     /// OTLP transform + protobuf size computation, ms.
@@ -391,23 +276,9 @@ pub fn run_scale(
         populate(&mut inv, 0..domains, conns)
     };
     let probe: SharedProbe = Arc::new(Mutex::new(Probe::default()));
-    let limit = virt_hypervisor_agent::config::DEFAULT_CARDINALITY_LIMIT;
-    let reader = PeriodicReader::builder(EncodingExporter(Arc::clone(&probe)))
-        .with_interval(Duration::from_secs(3600))
-        .build();
-    let provider = SdkMeterProvider::builder()
-        .with_resource(export::resource::build(NODE))
-        .with_view(move |inst: &Instrument| {
-            if inst.name() == virt_hypervisor_agent::config::DEFAULT_METRIC_NAME {
-                Stream::builder().with_cardinality_limit(limit).build().ok()
-            } else {
-                None
-            }
-        })
-        .with_reader(reader)
-        .build();
-    let opt = if all_attrs {
-        OptionalAttributes {
+    let mut cfg = AgentConfig::default();
+    if all_attrs {
+        cfg.metric.attributes = OptionalAttributes {
             domain: true,
             uuid: true,
             vmi_uid: true,
@@ -416,19 +287,25 @@ pub fn run_scale(
             arch: true,
             hypervisor_version: true,
             pod_uid: true,
-        }
-    } else {
-        OptionalAttributes::default()
-    };
-    register_mirror(
+        };
+    }
+    let reader = PeriodicReader::builder(EncodingExporter(Arc::clone(&probe)))
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    // The agent's own provider setup and instruments, with this benchmark's reader.
+    let provider = export::provider_builder(&cfg, NODE)
+        .with_reader(reader)
+        .build();
+    register_probe(&provider, Arc::clone(&probe));
+    export::register_instruments(
         &provider,
-        opt,
+        &cfg,
+        NODE,
         Arc::clone(&inventory),
         Arc::clone(&telemetry),
-        Arc::clone(&probe),
     );
 
-    let collect_once = |gzip: bool| -> Result<(f64, f64, f64, Seen)> {
+    let collect_once = |gzip: bool| -> Result<(f64, f64, Seen)> {
         {
             let mut p = lock(&probe);
             p.first_callback = None;
@@ -443,19 +320,17 @@ pub fn run_scale(
             bail!("the exporter or the callbacks did not run");
         };
         let collect = entered.saturating_duration_since(first).as_secs_f64() * 1e3;
-        Ok((collect, p.info_cb_ns as f64 / 1e6, flush, p.seen))
+        Ok((collect, flush, p.seen))
     };
 
     // Warm-up (first collection allocates the aggregation maps), and sizes.
-    let (_, _, _, first) = collect_once(true)?;
+    let (_, _, first) = collect_once(true)?;
     let mut collect = Vec::new();
-    let mut info_cb = Vec::new();
     let mut flush = Vec::new();
     let mut encode = Vec::new();
     for _ in 0..collections {
-        let (c, i, f, s) = collect_once(false)?;
+        let (c, f, s) = collect_once(false)?;
         collect.push(c);
-        info_cb.push(i);
         flush.push(f);
         encode.push(s.encode_ns as f64 / 1e6);
     }
@@ -469,7 +344,7 @@ pub fn run_scale(
             churn(&mut inv, (k * 7919) % domains, conns, k as u32);
             churn_ns.push(t.elapsed().as_nanos() as f64);
         }
-        let (c, _, _, _) = collect_once(false)?;
+        let (c, _, _) = collect_once(false)?;
         changed.push(c);
         if domains > 0 {
             let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
@@ -493,7 +368,6 @@ pub fn run_scale(
         collect_ms_max: percentile(&collect, 100.0),
         collect_changed_ms_p50: median(&changed),
         collect_changed_ms_p99: percentile(&changed, 99.0),
-        info_callback_ms_p50: median(&info_cb),
         flush_ms_p50: median(&flush),
         encode_ms_p50: median(&encode),
         payload_bytes: first.bytes,

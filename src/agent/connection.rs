@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use super::Shared;
 use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
-use crate::source::ffi::Watched;
+use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
 use crate::source::SourceEvent;
 
@@ -182,9 +182,9 @@ pub async fn supervise(
             tokio::select! {
                 _ = stop.changed() => break false,
                 ev = rx.recv() => match ev {
-                    Some(SourceEvent::Lifecycle { domain, event, detail }) => {
+                    Some(SourceEvent::Lifecycle { domain, event, detail, handle }) => {
                         tracing::debug!(connection = %spec.label, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
-                        handle_event(&ctx, domain, event);
+                        handle_event(&ctx, domain, event, handle);
                     }
                     Some(SourceEvent::Closed { reason }) => {
                         tracing::warn!(connection = %spec.label, %reason, "libvirt connection lost; its domains stay exported until it is back");
@@ -209,6 +209,10 @@ pub async fn supervise(
         if let Some(t) = resync_task.take() {
             t.abort();
         }
+        // Queued events hold domain handles, which keep the connection object alive: release
+        // them now (a local unref), so that dropping the context below really closes it.
+        rx.close();
+        while rx.try_recv().is_ok() {}
         // Deregistration and close are RPCs: keep them off the async workers.
         // Awaited, so that when this task ends its connection is closed (a removed launcher
         // socket leaves no descriptor behind); bounded, so a hung daemon cannot hold us.
@@ -259,7 +263,12 @@ fn reconnect_delays(initial: Duration, max: Duration) -> impl Iterator<Item = Du
         .build()
 }
 
-fn handle_event(ctx: &Arc<ConnCtx>, domain: DomainRef, event: Lifecycle) {
+fn handle_event(
+    ctx: &Arc<ConnCtx>,
+    domain: DomainRef,
+    event: Lifecycle,
+    handle: Option<DomainHandle>,
+) {
     let shared = &ctx.shared;
     shared.telemetry.count_event(event);
     let (req, changed) = {
@@ -272,12 +281,13 @@ fn handle_event(ctx: &Arc<ConnCtx>, domain: DomainRef, event: Lifecycle) {
         shared.push.push();
     }
     if let Some(req) = req {
-        tokio::spawn(fetch_and_apply(Arc::clone(ctx), req));
+        tokio::spawn(fetch_and_apply(Arc::clone(ctx), req, handle));
     }
 }
 
-/// Read a domain's XML with the connection's concurrency bound and the fetch timeout.
-async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
+/// Read a domain's XML with the connection's concurrency bound and the fetch timeout, through
+/// `handle` (from the event or the listing) when there is one.
+async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef, handle: Option<DomainHandle>) -> FetchOutcome {
     let shared = &ctx.shared;
     let Ok(permit) = Arc::clone(&ctx.permits).acquire_owned().await else {
         return FetchOutcome::Failed;
@@ -288,7 +298,7 @@ async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
     // The permit lives as long as the blocking call, so a hung daemon uses at most
     // `fetch_concurrency` threads, and only its own.
     let task = tokio::task::spawn_blocking(move || {
-        let r = libvirt::fetch_domain(&w, &d, wants);
+        let r = libvirt::fetch_domain(&w, &d, handle, wants);
         drop(permit);
         r
     });
@@ -325,8 +335,8 @@ async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef) -> FetchOutcome {
     }
 }
 
-async fn fetch_and_apply(ctx: Arc<ConnCtx>, req: FetchRequest) {
-    let outcome = fetch(&ctx, req.domain.clone()).await;
+async fn fetch_and_apply(ctx: Arc<ConnCtx>, req: FetchRequest, handle: Option<DomainHandle>) {
+    let outcome = fetch(&ctx, req.domain.clone(), handle).await;
     let changed = ctx.shared.lock_inventory().apply_fetch(&req, outcome);
     if changed {
         ctx.shared.push.push();
@@ -345,7 +355,10 @@ async fn resync(ctx: Arc<ConnCtx>) {
         tokio::task::spawn_blocking(move || libvirt::list_active(&w)),
     )
     .await;
-    let listing = match flatten(listing, "listing") {
+    let libvirt::Listing {
+        domains: listing,
+        mut handles,
+    } = match flatten(listing, "listing") {
         Ok(l) => l,
         Err(why) => {
             shared.lock_inventory().abort_resync(token);
@@ -358,11 +371,14 @@ async fn resync(ctx: Arc<ConnCtx>) {
     let mut set = JoinSet::new();
     for dom in need {
         let c = Arc::clone(&ctx);
+        let handle = handles.remove(&dom.uuid);
         set.spawn(async move {
-            let outcome = fetch(&c, dom.clone()).await;
+            let outcome = fetch(&c, dom.clone(), handle).await;
             (dom.uuid, outcome)
         });
     }
+    // Handles of domains already known are not needed (and a late re-read looks up again).
+    drop(handles);
     let mut outcomes: HashMap<String, FetchOutcome> = HashMap::new();
     while let Some(r) = set.join_next().await {
         if let Ok((uuid, o)) = r {
@@ -379,7 +395,7 @@ async fn resync(ctx: Arc<ConnCtx>) {
         .collect();
     let report = shared.lock_inventory().finish_resync(token, items);
     for req in report.fetches.iter().cloned() {
-        tokio::spawn(fetch_and_apply(Arc::clone(&ctx), req));
+        tokio::spawn(fetch_and_apply(Arc::clone(&ctx), req, None));
     }
     let elapsed = started.elapsed();
     shared.telemetry.set_last_sync(id, elapsed);

@@ -228,11 +228,13 @@ pub async fn inventory_once(
             tokio::task::spawn_blocking(move || {
                 let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
                 let w = libvirt::open(&u, None, tx)?;
-                let listing = libvirt::list_active(&w)?;
+                let mut listing = libvirt::list_active(&w)?;
                 let items: Vec<_> = listing
+                    .domains
                     .into_iter()
                     .map(|d| {
-                        let o = match libvirt::fetch_domain(&w, &d, wants) {
+                        let handle = listing.handles.remove(&d.uuid);
+                        let o = match libvirt::fetch_domain(&w, &d, handle, wants) {
                             Fetched::Facts(f) => FetchOutcome::Facts(f),
                             Fetched::Gone => FetchOutcome::Gone,
                             Fetched::LibvirtError(_) | Fetched::ParseError(_) => {

@@ -81,6 +81,11 @@ pub struct DomainFacts {
     pub machine: Option<String>,
     pub arch: Option<String>,
     pub emulator: Option<String>,
+    /// The root carries an `id` attribute: the document is a running domain's live XML. An
+    /// inactive domain's definition has none (read through a handle of a domain that stopped
+    /// meanwhile, libvirt returns that instead of an error).
+    #[serde(skip)]
+    pub live: bool,
 }
 
 impl DomainFacts {
@@ -95,6 +100,7 @@ impl DomainFacts {
             machine: None,
             arch: None,
             emulator: None,
+            live: false,
         }
     }
 }

@@ -541,8 +541,8 @@ impl State {
         }
     }
 
-    /// The root's `type` attribute. The attribute iterator runs without its (quadratic)
-    /// duplicate check; a duplicate `type` is detected here.
+    /// The root's `type` attribute, and whether it has an `id` (live XML). The attribute
+    /// iterator runs without its (quadratic) duplicate check; a duplicate `type` is detected here.
     fn read_root_type(&mut self, e: &BytesStart<'_>, position: u64) -> Result<(), XmlError> {
         let mut attrs = e.attributes();
         attrs.with_checks(false);
@@ -553,6 +553,8 @@ impl State {
                     return Err(malformed(position, MalformedKind::DuplicateTypeAttribute));
                 }
                 self.facts.domain_type = Some(attr_value(&attr, "root type attribute", position)?);
+            } else if attr.key.as_ref() == "id" {
+                self.facts.live = true;
             }
         }
         Ok(())
@@ -847,6 +849,7 @@ mod tests {
                 machine: some("pc"),
                 arch: some("x86_64"),
                 emulator: some("/usr/bin/qemu-system-x86_64"),
+                live: true,
             }
         );
     }
@@ -1900,6 +1903,7 @@ mod tests {
             } else {
                 None
             },
+            live: spec.id_attr,
         }
     }
 

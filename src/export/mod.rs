@@ -9,6 +9,7 @@
 //! event path, and memory stays bounded (the gauge is rebuilt from the inventory each time).
 
 pub mod otlp;
+pub mod points;
 pub mod reporting;
 pub mod resource;
 pub mod telemetry;
@@ -19,11 +20,15 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::metrics::{Instrument, PeriodicReader, SdkMeterProvider, Stream};
+use opentelemetry::{StringValue, Value};
+use opentelemetry_sdk::metrics::{
+    Instrument, MeterProviderBuilder, PeriodicReader, SdkMeterProvider, Stream,
+};
 use tokio::sync::Notify;
 
-use crate::config::{AgentConfig, ExporterKind, OptionalAttributes};
-use crate::inventory::{DomainRecord, Inventory, Lifecycle};
+use crate::config::{AgentConfig, ExporterKind};
+use crate::inventory::{Inventory, Lifecycle};
+pub use points::domain_attributes;
 pub use telemetry::Telemetry;
 
 /// Meter (instrumentation scope) name.
@@ -62,18 +67,7 @@ impl Exporter {
         inventory: Arc<Mutex<Inventory>>,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self, ExportError> {
-        let resource = resource::build(node);
-        let metric_name = cfg.metric.name.clone();
-        let limit = cfg.metric.cardinality_limit;
-        let mut builder = SdkMeterProvider::builder()
-            .with_resource(resource)
-            .with_view(move |inst: &Instrument| {
-                if inst.name() == metric_name {
-                    Stream::builder().with_cardinality_limit(limit).build().ok()
-                } else {
-                    None
-                }
-            });
+        let mut builder = provider_builder(cfg, node);
         let interval = export_interval(cfg);
         match cfg.export.exporter {
             ExporterKind::Otlp => {
@@ -193,6 +187,22 @@ impl PushTrigger {
     }
 }
 
+/// A meter provider builder with the agent's resource and the info gauge's cardinality limit,
+/// still without a reader.
+pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
+    let metric_name = cfg.metric.name.clone();
+    let limit = cfg.metric.cardinality_limit;
+    SdkMeterProvider::builder()
+        .with_resource(resource::build(node))
+        .with_view(move |inst: &Instrument| {
+            if inst.name() == metric_name {
+                Stream::builder().with_cardinality_limit(limit).build().ok()
+            } else {
+                None
+            }
+        })
+}
+
 /// Explicit config interval, else `OTEL_METRIC_EXPORT_INTERVAL` (read by the SDK: `None`), else
 /// the agent's default of 30 s.
 fn export_interval(cfg: &AgentConfig) -> Option<Duration> {
@@ -205,61 +215,18 @@ fn export_interval(cfg: &AgentConfig) -> Option<Duration> {
     }
 }
 
-/// The data-point attributes of one domain (contract §1).
-pub fn domain_attributes(
-    d: &DomainRecord,
-    node: &str,
-    opt: &OptionalAttributes,
-    hv_version: Option<&str>,
-    pod_uid: Option<&str>,
-) -> Vec<KeyValue> {
-    let mut kv = Vec::with_capacity(6);
-    if let Some(ns) = &d.identity.namespace {
-        kv.push(KeyValue::new("namespace", ns.clone()));
-    }
-    kv.push(KeyValue::new("name", d.identity.name.clone()));
-    kv.push(KeyValue::new("node", node.to_string()));
-    kv.push(KeyValue::new("hypervisor_type", d.hypervisor_type.as_str()));
-    if opt.domain {
-        kv.push(KeyValue::new("domain", d.domain_name.clone()));
-    }
-    if opt.uuid {
-        kv.push(KeyValue::new("uuid", d.uuid.clone()));
-    }
-    if opt.vmi_uid {
-        if let Some(uid) = d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()) {
-            kv.push(KeyValue::new("vmi_uid", uid));
-        }
-    }
-    if opt.machine {
-        if let Some(m) = &d.facts.machine {
-            kv.push(KeyValue::new("machine", m.clone()));
-        }
-    }
-    if opt.emulator {
-        if let Some(e) = &d.facts.emulator {
-            kv.push(KeyValue::new("emulator", e.clone()));
-        }
-    }
-    if opt.arch {
-        if let Some(a) = &d.facts.arch {
-            kv.push(KeyValue::new("arch", a.clone()));
-        }
-    }
-    if opt.hypervisor_version {
-        if let Some(v) = hv_version {
-            kv.push(KeyValue::new("hypervisor_version", v.to_string()));
-        }
-    }
-    if opt.pod_uid {
-        if let Some(p) = pod_uid {
-            kv.push(KeyValue::new("pod_uid", p.to_string()));
-        }
-    }
-    kv
+/// The `connection` attribute of a connection-level self-metric (the label is shared, not copied).
+fn connection_attribute(m: &telemetry::ConnMeta) -> [KeyValue; 1] {
+    [KeyValue::new(
+        "connection",
+        Value::String(StringValue::from(Arc::clone(&m.label))),
+    )]
 }
 
-fn register_instruments(
+/// Register the info gauge and the self-metrics on `provider`. Their callbacks run at each
+/// collection: they read the inventory snapshot and the connection table (both shared `Arc`s,
+/// rebuilt only after a change) and never call libvirt.
+pub fn register_instruments(
     provider: &SdkMeterProvider,
     cfg: &AgentConfig,
     node: &str,
@@ -267,8 +234,7 @@ fn register_instruments(
     telemetry: Arc<Telemetry>,
 ) {
     let meter = provider.meter(METER_NAME);
-    let node = node.to_string();
-    let opt = cfg.metric.attributes.clone();
+    let points = Mutex::new(points::InfoPoints::new(node, cfg.metric.attributes.clone()));
 
     let inv = Arc::clone(&inventory);
     let tel = Arc::clone(&telemetry);
@@ -278,16 +244,9 @@ fn register_instruments(
         .with_callback(move |obs| {
             let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
             let conns = tel.connection_meta();
-            for d in &snap.domains {
-                let meta = conns.get(&d.conn);
-                let attrs = domain_attributes(
-                    d,
-                    &node,
-                    &opt,
-                    meta.and_then(|m| m.hypervisor_version.as_deref()),
-                    meta.and_then(|m| m.pod_uid.as_deref()),
-                );
-                obs.observe(1, &attrs);
+            let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
+            for attrs in points.refresh(snap, conns) {
+                obs.observe(1, attrs);
             }
         })
         .build();
@@ -310,10 +269,7 @@ fn register_instruments(
         .with_description("1 when the agent's libvirt connection is established, else 0")
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
-                obs.observe(
-                    i64::from(m.up),
-                    &[KeyValue::new("connection", m.label.clone())],
-                );
+                obs.observe(i64::from(m.up), &connection_attribute(m));
             }
         })
         .build();
@@ -324,10 +280,7 @@ fn register_instruments(
         .with_description("Successful reconnections of a libvirt connection after it was lost")
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
-                obs.observe(
-                    m.reconnects,
-                    &[KeyValue::new("connection", m.label.clone())],
-                );
+                obs.observe(m.reconnects, &connection_attribute(m));
             }
         })
         .build();
@@ -340,10 +293,7 @@ fn register_instruments(
         .with_callback(move |obs| {
             for m in tel.connection_meta().values() {
                 if let Some(d) = m.last_sync {
-                    obs.observe(
-                        d.as_secs_f64(),
-                        &[KeyValue::new("connection", m.label.clone())],
-                    );
+                    obs.observe(d.as_secs_f64(), &connection_attribute(m));
                 }
             }
         })

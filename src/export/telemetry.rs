@@ -1,9 +1,11 @@
 //! The agent's own counters and per-connection state, read by the self-metric callbacks.
-//! Plain atomics and a small map behind a mutex held for microseconds.
+//! Plain atomics, and a small map behind a mutex held for microseconds whose copy for the
+//! collection callbacks is shared (`Arc`) and rebuilt only after a change: a collection at 1,000
+//! connections clones nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::inventory::{ConnId, Lifecycle};
@@ -11,16 +13,27 @@ use crate::inventory::{ConnId, Lifecycle};
 /// Kinds of XML errors counted by `virt_hypervisor_agent_xml_errors`.
 pub const XML_ERROR_KINDS: [&str; 3] = ["fetch", "timeout", "parse"];
 
-/// What the exporter knows about one connection.
+/// What the exporter knows about one connection. Strings are shared (`Arc<str>`) so that
+/// attribute values built from them are reference-counted, not copied, at every collection.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConnMeta {
-    /// `connection` attribute value (the URI).
-    pub label: String,
+    /// `connection` attribute value (the URI or socket path).
+    pub label: Arc<str>,
     pub up: bool,
     pub reconnects: u64,
     pub last_sync: Option<Duration>,
-    pub hypervisor_version: Option<String>,
-    pub pod_uid: Option<String>,
+    pub hypervisor_version: Option<Arc<str>>,
+    pub pod_uid: Option<Arc<str>>,
+}
+
+/// Every connection's state, as the collection callbacks read it.
+pub type ConnTable = BTreeMap<ConnId, ConnMeta>;
+
+#[derive(Debug, Default)]
+struct Conns {
+    table: ConnTable,
+    /// The shared copy handed out by [`Telemetry::connection_meta`]; dropped on every change.
+    shared: Option<Arc<ConnTable>>,
 }
 
 /// Shared counters.
@@ -28,7 +41,7 @@ pub struct ConnMeta {
 pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
-    conns: Mutex<BTreeMap<ConnId, ConnMeta>>,
+    conns: Mutex<Conns>,
 }
 
 impl Telemetry {
@@ -65,8 +78,11 @@ impl Telemetry {
             .collect()
     }
 
-    fn with_conns<R>(&self, f: impl FnOnce(&mut BTreeMap<ConnId, ConnMeta>) -> R) -> R {
-        f(&mut self.conns.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Change the table (and invalidate the shared copy).
+    fn with_conns<R>(&self, f: impl FnOnce(&mut ConnTable) -> R) -> R {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.shared = None;
+        f(&mut c.table)
     }
 
     pub fn add_connection(&self, id: ConnId, label: &str, pod_uid: Option<String>) {
@@ -74,8 +90,8 @@ impl Telemetry {
             c.insert(
                 id,
                 ConnMeta {
-                    label: label.to_string(),
-                    pod_uid,
+                    label: Arc::from(label),
+                    pod_uid: pod_uid.map(Arc::from),
                     ..ConnMeta::default()
                 },
             );
@@ -92,8 +108,8 @@ impl Telemetry {
         self.with_conns(|c| {
             if let Some(m) = c.get_mut(&id) {
                 m.up = up;
-                if hypervisor_version.is_some() {
-                    m.hypervisor_version = hypervisor_version;
+                if let Some(v) = hypervisor_version {
+                    m.hypervisor_version = Some(Arc::from(v));
                 }
             }
         })
@@ -115,8 +131,15 @@ impl Telemetry {
         })
     }
 
-    /// A copy of every connection's state.
-    pub fn connection_meta(&self) -> BTreeMap<ConnId, ConnMeta> {
-        self.with_conns(|c| c.clone())
+    /// Every connection's state: a shared copy, rebuilt only after a change, so repeated calls
+    /// without a change return the same `Arc` (callers may use `Arc::ptr_eq` to skip work).
+    pub fn connection_meta(&self) -> Arc<ConnTable> {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = &c.shared {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(c.table.clone());
+        c.shared = Some(Arc::clone(&s));
+        s
     }
 }

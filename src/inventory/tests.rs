@@ -23,6 +23,7 @@ fn facts(t: &str, name: &str, kubevirt: bool) -> FetchOutcome {
         machine: None,
         arch: None,
         emulator: None,
+        live: true,
     })
 }
 

@@ -6,7 +6,8 @@
 //! [`Watched`] is the RAII owner of one read-only connection with its lifecycle and close
 //! callbacks: its `Drop` deregisters both and closes the connection, logging (never panicking)
 //! on failure. Callbacks run on the libvirt event-loop thread; they only copy a few strings out
-//! of the domain object (no RPC) and hand them to a sink, and never let a panic unwind into C.
+//! of the domain object and take a reference to it (no RPC) and hand them to a sink, and never
+//! let a panic unwind into C. [`DomainHandle`] owns one domain reference.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,7 +19,7 @@ use virt::error::Error as VirtError;
 use virt_sys as sys;
 
 /// A lifecycle event as delivered by libvirt, copied out of the C objects.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct RawLifecycle {
     pub uuid: String,
     /// `None` when libvirt reports the domain inactive (id `-1`).
@@ -26,6 +27,47 @@ pub struct RawLifecycle {
     pub name: String,
     pub event: i32,
     pub detail: i32,
+    /// A reference to the event's domain object, so that its XML can be read without a lookup.
+    pub handle: Option<DomainHandle>,
+}
+
+/// An owned reference to a libvirt domain object (from a listing or an event): its XML can be
+/// read without looking the domain up again, one RPC instead of two. Dropping it releases the
+/// reference without panicking; that is local (no RPC) while the connection is open, and a
+/// handle keeps its connection object alive, so drop handles before closing the connection.
+#[derive(Debug)]
+pub struct DomainHandle(Option<Domain>);
+
+impl DomainHandle {
+    /// Take ownership of a domain reference (e.g. one returned by a listing).
+    pub fn new(dom: Domain) -> Self {
+        Self(Some(dom))
+    }
+
+    /// A new reference to a domain libvirt lent us (in a callback).
+    ///
+    /// # Safety
+    /// `dom` must be a valid domain pointer for the duration of the call.
+    unsafe fn from_borrowed(dom: sys::virDomainPtr) -> Option<Self> {
+        // SAFETY: `dom` is valid (caller's contract); on success we own one more reference.
+        if unsafe { sys::virDomainRef(dom) } < 0 {
+            return None;
+        }
+        // SAFETY: the wrapper takes over the reference taken above; `Drop` releases it once.
+        Some(Self(Some(unsafe { Domain::from_ptr(dom) })))
+    }
+
+    pub fn domain(&self) -> Option<&Domain> {
+        self.0.as_ref()
+    }
+}
+
+impl Drop for DomainHandle {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            release_domain(d);
+        }
+    }
 }
 
 /// Receives lifecycle events on the event-loop thread. Must not block.
@@ -170,7 +212,7 @@ fn close_connection(conn: Connect, uri: &str) {
 }
 
 /// Release a domain reference, logging instead of panicking on failure.
-pub fn release_domain(dom: Domain) {
+fn release_domain(dom: Domain) {
     // SAFETY: as in `close_connection`: forget the wrapper, free its one reference explicitly.
     let ptr = unsafe { dom.as_ptr() };
     std::mem::forget(dom);
@@ -199,12 +241,15 @@ unsafe extern "C" fn lifecycle_trampoline(
         let sink = unsafe { &*(opaque as *const LifecycleSink) };
         // SAFETY: `dom` is valid for the duration of the callback.
         let raw = unsafe { read_domain(dom) };
+        // SAFETY: as above; the handle holds its own reference, released when it drops.
+        let handle = unsafe { DomainHandle::from_borrowed(dom) };
         sink(RawLifecycle {
             uuid: raw.0,
             id: raw.1,
             name: raw.2,
             event,
             detail,
+            handle,
         });
     }));
     0

@@ -1,12 +1,13 @@
 //! Blocking libvirt operations on a watched connection: open, list active domains, fetch one
 //! domain's live XML. Each runs on a blocking thread, never on the event-loop thread.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 use virt::error::ErrorNumber;
 
-use super::ffi::{self, RawLifecycle, Watched};
+use super::ffi::{DomainHandle, RawLifecycle, Watched};
 use super::{CloseReason, SourceEvent};
 use crate::domain::{parse_domain_xml, DomainFacts, Wants, XmlError};
 use crate::inventory::{DomainRef, Lifecycle};
@@ -41,6 +42,7 @@ pub fn open(
             domain,
             event,
             detail: raw.detail,
+            handle: raw.handle,
         });
     });
     let on_close = Box::new(move |reason: i32| {
@@ -62,20 +64,36 @@ pub fn open(
     Ok(watched)
 }
 
+/// Every active domain, with a handle to each for reading its XML without a lookup.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub domains: Vec<DomainRef>,
+    /// By UUID.
+    pub handles: HashMap<String, DomainHandle>,
+}
+
 /// List every active domain.
-pub fn list_active(watched: &Watched) -> Result<Vec<DomainRef>, LibvirtError> {
+pub fn list_active(watched: &Watched) -> Result<Listing, LibvirtError> {
     let conn = watched.connect().ok_or(LibvirtError::Closed)?;
     let domains = conn
         .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         .map_err(|e| LibvirtError::List(e.message().to_string()))?;
-    let mut out = Vec::with_capacity(domains.len());
+    let mut out = Listing {
+        domains: Vec::with_capacity(domains.len()),
+        handles: HashMap::with_capacity(domains.len()),
+    };
     for d in domains {
-        let uuid = d.uuid_string();
-        let name = d.name();
-        let id = d.id();
-        ffi::release_domain(d);
-        match (uuid, name) {
-            (Ok(uuid), Ok(name)) => out.push(DomainRef { uuid, id, name }),
+        let handle = DomainHandle::new(d);
+        let Some(d) = handle.domain() else { continue };
+        match (d.uuid_string(), d.name()) {
+            (Ok(uuid), Ok(name)) => {
+                out.domains.push(DomainRef {
+                    uuid: uuid.clone(),
+                    id: d.id(),
+                    name,
+                });
+                out.handles.insert(uuid, handle);
+            }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e.message(), "skipping a listed domain that vanished");
             }
@@ -96,25 +114,37 @@ pub enum Fetched {
     ParseError(XmlError),
 }
 
-/// Look a domain up by UUID and read its live XML (flags 0: no secrets) and parse it.
-pub fn fetch_domain(watched: &Watched, dom: &DomainRef, wants: Wants) -> Fetched {
-    let Some(conn) = watched.connect() else {
-        return Fetched::LibvirtError("connection closed".into());
+/// Read a domain's live XML (flags 0: no secrets) through `handle` when there is one, else
+/// after looking the domain up by UUID, and parse it. A domain that is gone or no longer running
+/// (its XML has no `id`: libvirt returned the inactive definition) is [`Fetched::Gone`].
+pub fn fetch_domain(
+    watched: &Watched,
+    dom: &DomainRef,
+    handle: Option<DomainHandle>,
+    wants: Wants,
+) -> Fetched {
+    let handle = match handle {
+        Some(h) => h,
+        None => {
+            let Some(conn) = watched.connect() else {
+                return Fetched::LibvirtError("connection closed".into());
+            };
+            match conn.lookup_domain_by_uuid_string(&dom.uuid) {
+                Ok(d) => DomainHandle::new(d),
+                Err(e) if is_gone(&e) => return Fetched::Gone,
+                Err(e) => return Fetched::LibvirtError(e.message().to_string()),
+            }
+        }
     };
-    let domain = match conn.lookup_domain_by_uuid_string(&dom.uuid) {
-        Ok(d) => d,
-        Err(e) if is_gone(&e) => return Fetched::Gone,
-        Err(e) => return Fetched::LibvirtError(e.message().to_string()),
-    };
-    if domain.id().is_none() {
-        ffi::release_domain(domain);
+    let Some(domain) = handle.domain() else {
         return Fetched::Gone;
-    }
+    };
     let xml = domain.xml_desc(0);
-    ffi::release_domain(domain);
+    drop(handle);
     match xml {
         Ok(xml) => match parse_domain_xml(xml.as_bytes(), wants) {
-            Ok(facts) => Fetched::Facts(facts),
+            Ok(facts) if facts.live => Fetched::Facts(facts),
+            Ok(_) => Fetched::Gone,
             Err(e) => Fetched::ParseError(e),
         },
         Err(e) if is_gone(&e) => Fetched::Gone,

@@ -14,13 +14,15 @@ pub mod libvirt;
 use crate::inventory::{DomainRef, Lifecycle};
 
 /// What a connection reports to the agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum SourceEvent {
     /// A domain lifecycle transition.
     Lifecycle {
         domain: DomainRef,
         event: Lifecycle,
         detail: i32,
+        /// The event's domain object, for a fetch without a lookup.
+        handle: Option<ffi::DomainHandle>,
     },
     /// The connection closed (`VIR_CONNECT_CLOSE_REASON_*`).
     Closed { reason: CloseReason },
