@@ -13,8 +13,12 @@ use opentelemetry::KeyValue;
 use opentelemetry_otlp::{
     Compression, MetricExporter, Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::Resource;
+use virt_hypervisor_agent::export::SharedReader;
 
 const GAUGE: &str = "selftest_hypervisor_info";
 const SELF_COUNTER: &str = "virt_hypervisor_agent_selftest_total";
@@ -23,10 +27,26 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The points the gauge callback reports: (name, hypervisor_type).
 type Points = Arc<Mutex<Vec<(String, String)>>>;
 
+/// A meter provider with a gauge and a counter, and the exporter its collections go to, exported
+/// the way the agent does it: collect through a manual reader, then await the exporter.
+struct Selftest {
+    provider: SdkMeterProvider,
+    reader: SharedReader,
+    exporter: MetricExporter,
+}
+
+impl Selftest {
+    async fn flush(&self) -> Result<(), String> {
+        let mut rm = ResourceMetrics::default();
+        self.reader.collect(&mut rm).map_err(|e| e.to_string())?;
+        self.exporter.export(&rm).await.map_err(|e| e.to_string())
+    }
+}
+
 /// A meter provider exporting to `rx` over `transport`, with a gauge fed from `points` and a
-/// self-metric counter. Must be called inside a multi-thread tokio runtime (the tonic exporter spawns
-/// its channel worker on it).
-fn provider(rx: &Receiver, transport: Transport, gzip: bool, points: Points) -> SdkMeterProvider {
+/// self-metric counter. Must be called inside a multi-thread tokio runtime (both exporters run
+/// their connections on it).
+fn provider(rx: &Receiver, transport: Transport, gzip: bool, points: Points) -> Selftest {
     // The package links reqwest's rustls without a built-in provider: install ring, as the agent does.
     virt_hypervisor_agent::export::otlp::install_crypto_provider();
     let timeout = Duration::from_secs(3);
@@ -54,12 +74,10 @@ fn provider(rx: &Receiver, transport: Transport, gzip: bool, points: Points) -> 
         }
     }
     .expect("build OTLP metric exporter");
-    // A long interval: only explicit flushes export.
-    let reader = PeriodicReader::builder(exporter)
-        .with_interval(Duration::from_secs(3600))
-        .build();
+    // Only explicit flushes export.
+    let reader = SharedReader::new(exporter.temporality());
     let provider = SdkMeterProvider::builder()
-        .with_reader(reader)
+        .with_reader(reader.clone())
         .with_resource(
             Resource::builder_empty()
                 .with_service_name("receiver-selftest")
@@ -85,16 +103,11 @@ fn provider(rx: &Receiver, transport: Transport, gzip: bool, points: Points) -> 
         })
         .build();
     meter.u64_counter(SELF_COUNTER).build().add(1, &[]);
-    provider
-}
-
-/// `force_flush` blocks: run it off the async workers.
-async fn flush(provider: &SdkMeterProvider) -> Result<(), String> {
-    let provider = provider.clone();
-    tokio::task::spawn_blocking(move || provider.force_flush())
-        .await
-        .expect("flush task")
-        .map_err(|e| e.to_string())
+    Selftest {
+        provider,
+        reader,
+        exporter,
+    }
 }
 
 fn points(list: &[(&str, &str)]) -> Points {
@@ -114,7 +127,7 @@ async fn gauge_roundtrip(transport: Transport, gzip: bool) {
     let pts = points(&[("vm-a", "kvm"), ("vm-b", "qemu-tcg")]);
     let provider = provider(&rx, transport, gzip, pts);
     let since = Instant::now();
-    flush(&provider).await.expect("flush to the receiver");
+    provider.flush().await.expect("flush to the receiver");
 
     let obs = rx
         .wait_for_series(since, WAIT, GAUGE, |s| s.len() == 2)
@@ -135,7 +148,7 @@ async fn gauge_roundtrip(transport: Transport, gzip: bool) {
         obs.series
     );
     assert!(rx.rejected().is_empty(), "rejected: {:?}", rx.rejected());
-    provider.shutdown().ok();
+    provider.provider.shutdown().ok();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,13 +181,13 @@ async fn absent_gauge_means_empty_current_set() {
     assert_eq!(rx.latest_series(GAUGE), None, "nothing received yet");
 
     let since = Instant::now();
-    flush(&provider).await.expect("first flush");
+    provider.flush().await.expect("first flush");
     rx.wait_for_series(since, WAIT, GAUGE, |s| s.len() == 1)
         .expect("first export with one series");
 
     pts.lock().expect("points lock").clear();
     let since = Instant::now();
-    flush(&provider).await.expect("second flush");
+    provider.flush().await.expect("second flush");
     let obs = rx
         .wait_for_series(since, WAIT, GAUGE, |s| s.is_empty())
         .expect("an export without the gauge");
@@ -187,7 +200,7 @@ async fn absent_gauge_means_empty_current_set() {
         "self-metric still sent"
     );
     assert_eq!(rx.latest_series(GAUGE), Some(Vec::new()));
-    provider.shutdown().ok();
+    provider.provider.shutdown().ok();
 }
 
 /// A collector outage on the same ports: exports fail while stopped and arrive again after restart.
@@ -196,24 +209,24 @@ async fn stop_and_restart(transport: Transport) {
     let endpoint = rx.endpoint(transport);
     let pts = points(&[("vm-a", "kvm")]);
     let provider = provider(&rx, transport, false, pts);
-    flush(&provider).await.expect("flush while up");
+    provider.flush().await.expect("flush while up");
     assert_eq!(rx.request_count(), 1);
 
     rx.stop();
     assert!(!rx.is_running());
-    let result = flush(&provider).await;
+    let result = provider.flush().await;
     assert!(result.is_err(), "flush to a stopped receiver must fail");
     assert_eq!(rx.request_count(), 1, "nothing received while stopped");
 
     rx.restart().expect("restart on the same ports");
     assert_eq!(rx.endpoint(transport), endpoint);
     let since = Instant::now();
-    flush(&provider).await.expect("flush after restart");
+    provider.flush().await.expect("flush after restart");
     let obs = rx
         .wait_for_series(since, WAIT, GAUGE, |s| find(s, "vm-a").is_some())
         .unwrap_or_else(|e| panic!("export after restart: {e:#}"));
     assert_eq!(obs.request.seq, 1, "{}", describe(&obs.series));
-    provider.shutdown().ok();
+    provider.provider.shutdown().ok();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,13 +246,14 @@ async fn failing_receiver_records_and_answers_error() {
     let provider = provider(&rx, Transport::Http, false, points(&[("vm-a", "kvm")]));
     rx.set_failing(true);
     assert!(
-        flush(&provider).await.is_err(),
+        provider.flush().await.is_err(),
         "an error answer fails the flush"
     );
     assert!(rx.request_count() >= 1, "the request was recorded");
     rx.set_failing(false);
-    flush(&provider)
+    provider
+        .flush()
         .await
         .expect("flush once the receiver answers OK");
-    provider.shutdown().ok();
+    provider.provider.shutdown().ok();
 }

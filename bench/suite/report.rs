@@ -426,7 +426,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
         writeln!(w)?;
         writeln!(w, "Collection = from the first instrument callback to the exporter being called (all seven of the agent's instruments: callbacks + SDK aggregation), by the SDK's `PeriodicReader` on a forced flush. Payload = the OTLP `ExportMetricsServiceRequest` built by `opentelemetry-proto`'s transform, protobuf bytes (gzip in brackets).")?;
         writeln!(w)?;
-        writeln!(w, "| domains | connections | attributes | collect p50 | p99 | max | after a change p50 / p99 | force_flush round trip p50 | snapshot rebuild | encode | points (info / all) | payload | inventory fill per domain | one stop+start applied |")?;
+        writeln!(w, "| domains | connections | attributes | collect p50 | p99 | max | after a change p50 / p99 | collect + encode p50 | snapshot rebuild | encode | points (info / all) | payload | inventory fill per domain | one stop+start applied |")?;
         writeln!(
             w,
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"

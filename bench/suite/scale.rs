@@ -248,7 +248,7 @@ pub struct ScaleResult {
     /// Same, with one domain changed before every collection (snapshot rebuilt).
     pub collect_changed_ms_p50: f64,
     pub collect_changed_ms_p99: f64,
-    /// force_flush() round trip (reader thread handoff + collect + encode), ms.
+    /// Collection + OTLP encoding (one export's CPU before the network), ms.
     pub flush_ms_p50: f64,
     /// OTLP transform + protobuf size computation, ms.
     pub encode_ms_p50: f64,
@@ -329,10 +329,10 @@ pub fn run_scale(
     let mut flush = Vec::new();
     let mut encode = Vec::new();
     for _ in 0..collections {
-        let (c, f, s) = collect_once(false)?;
+        let (c, _, s) = collect_once(false)?;
         collect.push(c);
-        flush.push(f);
         encode.push(s.encode_ns as f64 / 1e6);
+        flush.push(c + s.encode_ns as f64 / 1e6);
     }
     let mut changed = Vec::new();
     let mut churn_ns = Vec::new();
@@ -446,9 +446,9 @@ pub fn run_rss(domains: usize, conns: usize) -> Result<RssResult> {
             let _g = rt.enter();
             Exporter::start(&cfg, NODE, Arc::clone(&inventory), Arc::clone(&telemetry))?
         };
-        let flusher = {
+        let export_task = {
             let _g = rt.enter();
-            exporter.spawn_flusher(Duration::from_millis(20))
+            exporter.spawn_export_task(Duration::from_millis(20))
         };
         let push = exporter.trigger();
         let wait_export = |want: usize| -> Result<(usize, usize)> {
@@ -484,8 +484,8 @@ pub fn run_rss(domains: usize, conns: usize) -> Result<RssResult> {
         }
         std::thread::sleep(Duration::from_millis(200));
         let m = util::self_mem()?;
-        if let Some(f) = flusher {
-            f.abort();
+        if let Some(t) = export_task {
+            t.abort();
         }
         rt.block_on(exporter.shutdown(Duration::from_secs(2)));
         rt.shutdown_timeout(Duration::from_millis(200));

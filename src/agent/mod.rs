@@ -119,7 +119,7 @@ impl Agent {
         let Agent { shared, exporter } = self;
         let cfg = Arc::clone(&shared.cfg);
         let node = shared.node.clone();
-        let flusher = exporter.spawn_flusher(cfg.export.debounce);
+        let export_task = exporter.spawn_export_task(cfg.export.debounce);
         tracing::info!(node = %node, uris = ?cfg.libvirt.uris, exporter = ?cfg.export.exporter, "agent starting");
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,8 +191,9 @@ impl Agent {
         if tokio::time::timeout(deadline / 2, join_all).await.is_err() {
             tracing::warn!("connection tasks did not stop within {:?}", deadline / 2);
         }
-        if let Some(f) = flusher {
-            f.abort();
+        if let Some(t) = export_task {
+            t.abort();
+            let _ = t.await;
         }
         let stopped =
             tokio::task::spawn_blocking(move || event_loop::stop(Duration::from_millis(500)));

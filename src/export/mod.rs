@@ -1,12 +1,17 @@
 //! OpenTelemetry export: the `kubevirt_vmi_hypervisor_info` observable gauge, the agent's
-//! self-metrics, the OTLP (gRPC, HTTP/protobuf) or stdout exporter, and push-on-change.
+//! self-metrics, the OTLP (gRPC, HTTP/protobuf) or stdout exporter, periodic export and
+//! push-on-change.
 //!
-//! Instrument callbacks run on the SDK's periodic-reader thread: they only take an inventory
-//! snapshot (an `Arc`, rebuilt only after a change) and read counters; they never call libvirt
-//! and never flush. Push on change is a single [`Flusher`] task: a change wakes it, it waits the
-//! debounce, then runs one `force_flush` on a blocking thread; changes during a flush coalesce
-//! into one more flush. A down collector therefore costs one blocked thread at most, never the
-//! event path, and memory stays bounded (the gauge is rebuilt from the inventory each time).
+//! One export task on the agent's runtime does all exporting: it waits for the periodic tick or
+//! for a change (then the debounce, unless the push is urgent), collects through a manual
+//! reader, and awaits the exporter (tonic or async reqwest, both on this runtime). There is no
+//! reader thread and no blocking hand-off, so a push costs a collection and a request, not a
+//! chain of thread wake-ups. Exports never overlap; changes during one coalesce into one more.
+//! A down collector delays only this task (each request is bounded by the export timeout),
+//! never the event path, and memory stays bounded (the gauge is rebuilt from the inventory).
+//!
+//! Instrument callbacks run inside the collection: they read the inventory snapshot and the
+//! connection table (shared `Arc`s, rebuilt only after a change) and never call libvirt.
 
 pub mod otlp;
 pub mod points;
@@ -15,14 +20,19 @@ pub mod resource;
 pub mod telemetry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry::{StringValue, Value};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
-    Instrument, MeterProviderBuilder, PeriodicReader, SdkMeterProvider, Stream,
+    Instrument, InstrumentKind, ManualReader, MeterProviderBuilder, Pipeline, SdkMeterProvider,
+    Stream, Temporality,
 };
 use tokio::sync::Notify;
 
@@ -49,10 +59,96 @@ pub enum ExportError {
     },
 }
 
+/// Where collected metrics go. (One per process: boxing the large variant would only add an
+/// indirection to every export.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Sink {
+    Otlp(reporting::Reporting<opentelemetry_otlp::MetricExporter>),
+    Stdout(opentelemetry_stdout::MetricExporter),
+}
+
+impl Sink {
+    async fn export(&self, rm: &ResourceMetrics) -> OTelSdkResult {
+        match self {
+            Sink::Otlp(e) => e.export(rm).await,
+            Sink::Stdout(e) => e.export(rm).await,
+        }
+    }
+
+    fn temporality(&self) -> Temporality {
+        match self {
+            Sink::Otlp(e) => e.temporality(),
+            Sink::Stdout(e) => e.temporality(),
+        }
+    }
+
+    fn shutdown(&self) -> OTelSdkResult {
+        match self {
+            Sink::Otlp(e) => e.shutdown(),
+            Sink::Stdout(e) => e.shutdown(),
+        }
+    }
+}
+
+/// A manual reader that can be given to a provider and still be collected through: the
+/// provider owns one clone, the export task another.
+#[derive(Clone, Debug)]
+pub struct SharedReader(Arc<ManualReader>);
+
+impl SharedReader {
+    pub fn new(temporality: Temporality) -> Self {
+        Self(Arc::new(
+            ManualReader::builder()
+                .with_temporality(temporality)
+                .build(),
+        ))
+    }
+}
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+/// Collects and exports; shared by the export task and the final flush.
+#[derive(Debug)]
+struct Pipe {
+    reader: SharedReader,
+    sink: Sink,
+    interval: Duration,
+}
+
+impl Pipe {
+    /// Collect everything and export it once.
+    async fn export_once(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.reader.collect(rm)?;
+        self.sink.export(rm).await
+    }
+}
+
 /// The running export pipeline.
 #[derive(Debug)]
 pub struct Exporter {
     provider: Option<SdkMeterProvider>,
+    pipe: Option<Arc<Pipe>>,
     wake: Arc<Notify>,
     urgent: Arc<AtomicBool>,
     urgent_wake: Arc<Notify>,
@@ -60,41 +156,42 @@ pub struct Exporter {
 
 impl Exporter {
     /// Build the meter provider and register every instrument. Must run inside a multi-thread
-    /// tokio runtime (the gRPC exporter spawns its channel worker on it).
+    /// tokio runtime (the exporters run their connections on it).
     pub fn start(
         cfg: &AgentConfig,
         node: &str,
         inventory: Arc<Mutex<Inventory>>,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self, ExportError> {
-        let mut builder = provider_builder(cfg, node);
-        let interval = export_interval(cfg);
-        match cfg.export.exporter {
-            ExporterKind::Otlp => {
-                let exporter = reporting::Reporting::new(otlp::build(&cfg.export)?);
-                let mut reader = PeriodicReader::builder(exporter);
-                if let Some(i) = interval {
-                    reader = reader.with_interval(i);
-                }
-                builder = builder.with_reader(reader.build());
-            }
+        let sink = match cfg.export.exporter {
+            ExporterKind::Otlp => Some(Sink::Otlp(reporting::Reporting::new(otlp::build(
+                &cfg.export,
+            )?))),
             ExporterKind::Stdout => {
-                let mut reader =
-                    PeriodicReader::builder(opentelemetry_stdout::MetricExporter::default());
-                if let Some(i) = interval {
-                    reader = reader.with_interval(i);
-                }
-                builder = builder.with_reader(reader.build());
+                Some(Sink::Stdout(opentelemetry_stdout::MetricExporter::default()))
             }
-            ExporterKind::None => {}
+            ExporterKind::None => None,
+        };
+        let pipe = sink.map(|sink| {
+            let reader = SharedReader::new(sink.temporality());
+            Arc::new(Pipe {
+                reader,
+                sink,
+                interval: export_interval(cfg),
+            })
+        });
+        let mut builder = provider_builder(cfg, node);
+        if let Some(p) = &pipe {
+            builder = builder.with_reader(p.reader.clone());
         }
         let provider = builder.build();
         // Without a reader nothing would ever collect them (and the SDK logs an error for each).
-        if cfg.export.exporter != ExporterKind::None {
+        if pipe.is_some() {
             register_instruments(&provider, cfg, node, inventory, telemetry);
         }
         Ok(Self {
             provider: Some(provider),
+            pipe,
             wake: Arc::new(Notify::new()),
             urgent: Arc::new(AtomicBool::new(false)),
             urgent_wake: Arc::new(Notify::new()),
@@ -110,63 +207,76 @@ impl Exporter {
         }
     }
 
-    /// Spawn the push-on-change task (no-op when `debounce` is zero).
-    pub fn spawn_flusher(&self, debounce: Duration) -> Option<tokio::task::JoinHandle<()>> {
-        if debounce.is_zero() {
-            return None;
-        }
-        let provider = self.provider.clone()?;
+    /// Spawn the export task: periodic export, plus push on change unless `debounce` is zero.
+    /// `None` when nothing is exported (`exporter: none`).
+    pub fn spawn_export_task(&self, debounce: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let pipe = Arc::clone(self.pipe.as_ref()?);
         let wake = Arc::clone(&self.wake);
         let urgent = Arc::clone(&self.urgent);
         let urgent_wake = Arc::clone(&self.urgent_wake);
+        let push_on_change = !debounce.is_zero();
         Some(tokio::spawn(async move {
+            let mut rm = ResourceMetrics::default();
+            let start = tokio::time::Instant::now() + pipe.interval;
+            let mut tick = tokio::time::interval_at(start, pipe.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                wake.notified().await;
-                // Wait the debounce, unless an urgent push arrives (before or during it).
-                if !urgent.swap(false, Ordering::AcqRel) {
-                    tokio::select! {
-                        _ = tokio::time::sleep(debounce) => {}
-                        _ = urgent_wake.notified() => {}
+                let why = tokio::select! {
+                    _ = tick.tick() => "periodic",
+                    _ = wake.notified(), if push_on_change => {
+                        // Wait the debounce, unless an urgent push arrives (before or during it).
+                        if !urgent.swap(false, Ordering::AcqRel) {
+                            tokio::select! {
+                                _ = tokio::time::sleep(debounce) => {}
+                                _ = urgent_wake.notified() => {}
+                            }
+                            urgent.store(false, Ordering::Release);
+                        }
+                        "on change"
                     }
-                    urgent.store(false, Ordering::Release);
-                }
-                let p = provider.clone();
+                };
                 let started = Instant::now();
-                match tokio::task::spawn_blocking(move || p.force_flush()).await {
-                    Ok(Ok(())) => {
-                        tracing::debug!(
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "pushed on change"
-                        )
-                    }
+                match pipe.export_once(&mut rm).await {
+                    Ok(()) => tracing::debug!(
+                        why,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "exported"
+                    ),
                     // The exporter wrapper reports failures (rate-limited).
-                    Ok(Err(e)) => tracing::debug!(error = %e, "push to the collector failed"),
-                    Err(e) => tracing::error!(error = %e, "push task failed"),
+                    Err(e) => tracing::debug!(why, error = %e, "export failed"),
                 }
             }
         }))
     }
 
-    /// Flush once more and shut the provider down, bounded by `deadline`.
+    /// Export once more and shut the provider down, bounded by `deadline`. Call after the
+    /// export task has been stopped.
     pub async fn shutdown(mut self, deadline: Duration) {
         let Some(provider) = self.provider.take() else {
             return;
         };
-        let task = tokio::task::spawn_blocking(move || {
-            if let Err(e) = provider.force_flush() {
-                tracing::warn!(error = %e, "final flush failed");
+        if let Some(pipe) = self.pipe.take() {
+            let mut rm = ResourceMetrics::default();
+            match tokio::time::timeout(deadline, pipe.export_once(&mut rm)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "final export failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        "final export did not finish within {deadline:?}; exiting anyway"
+                    )
+                }
             }
-            if let Err(e) = provider.shutdown() {
-                tracing::debug!(error = %e, "meter provider shutdown reported an error");
+            if let Err(e) = pipe.sink.shutdown() {
+                tracing::debug!(error = %e, "exporter shutdown reported an error");
             }
-        });
-        if tokio::time::timeout(deadline, task).await.is_err() {
-            tracing::warn!("final flush did not finish within {deadline:?}; exiting anyway");
+        }
+        if let Err(e) = provider.shutdown() {
+            tracing::debug!(error = %e, "meter provider shutdown reported an error");
         }
     }
 }
 
-/// Cloneable handle that asks the flusher for a push.
+/// Cloneable handle that asks the export task for a push.
 #[derive(Clone, Debug)]
 pub struct PushTrigger {
     wake: Arc<Notify>,
@@ -203,16 +313,18 @@ pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
         })
 }
 
-/// Explicit config interval, else `OTEL_METRIC_EXPORT_INTERVAL` (read by the SDK: `None`), else
-/// the agent's default of 30 s.
-fn export_interval(cfg: &AgentConfig) -> Option<Duration> {
+/// Periodic export interval: the config's, else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds,
+/// as the SDK reads it; at least [`crate::config::MIN_EXPORT_INTERVAL`]), else the agent's
+/// default of 30 s.
+fn export_interval(cfg: &AgentConfig) -> Duration {
     if let Some(i) = cfg.export.interval {
-        return Some(i);
+        return i;
     }
-    match std::env::var("OTEL_METRIC_EXPORT_INTERVAL") {
-        Ok(v) if v.trim().parse::<u64>().is_ok() => None,
-        _ => Some(crate::config::DEFAULT_EXPORT_INTERVAL),
-    }
+    std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms).max(crate::config::MIN_EXPORT_INTERVAL))
+        .unwrap_or(crate::config::DEFAULT_EXPORT_INTERVAL)
 }
 
 /// The `connection` attribute of a connection-level self-metric (the label is shared, not copied).

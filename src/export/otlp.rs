@@ -6,8 +6,9 @@
 //! does not implement the TLS certificate variables, so the agent reads those itself.
 //!
 //! TLS: gRPC uses tonic's rustls (ring) with the web PKI roots plus an optional CA and client
-//! identity. HTTP/protobuf uses a blocking reqwest client given a rustls configuration built
-//! here the same way (the SDK's default HTTP client has no TLS compiled in).
+//! identity. HTTP/protobuf uses an async reqwest client (on the agent's runtime, like tonic)
+//! given a rustls configuration built here the same way (the SDK's default HTTP client has no
+//! TLS compiled in).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -139,14 +140,13 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
     }
 }
 
-/// A blocking reqwest client with rustls (ring): web PKI roots, plus `ca` when given, plus a
-/// client identity for mutual TLS. Built on its own thread: reqwest's blocking client must not
-/// be created inside the tokio runtime.
+/// An async reqwest client with rustls (ring): web PKI roots, plus `ca` when given, plus a
+/// client identity for mutual TLS.
 fn http_client(
     ca: Option<PathBuf>,
     identity: Option<(PathBuf, PathBuf)>,
     timeout: std::time::Duration,
-) -> Result<reqwest::blocking::Client, ExportError> {
+) -> Result<reqwest::Client, ExportError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -187,16 +187,9 @@ fn http_client(
         }
         None => builder.with_no_client_auth(),
     };
-    std::thread::Builder::new()
-        .name("otlp-http-client".into())
-        .spawn(move || {
-            reqwest::blocking::Client::builder()
-                .tls_backend_preconfigured(config)
-                .timeout(timeout)
-                .build()
-        })
-        .map_err(|e| ExportError::Tls(e.to_string()))?
-        .join()
-        .map_err(|_| ExportError::Tls("building the HTTP client panicked".into()))?
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(timeout)
+        .build()
         .map_err(|e| ExportError::Tls(e.to_string()))
 }
