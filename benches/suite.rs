@@ -101,6 +101,10 @@ fn real_main() -> Result<()> {
                     .map(|p| p.split(',').map(str::to_string).collect())
                     .unwrap_or_default(),
                 perf: args.get("--perf").map(PathBuf::from),
+                agent_sets: args
+                    .get("--agent-set")
+                    .map(|p| p.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
             };
             live::run(&o)?;
         }

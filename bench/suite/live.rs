@@ -46,6 +46,8 @@ pub struct LiveOpts {
     pub phases: Vec<String>,
     /// Record `perf record -g` of the agent during its transitions into this directory.
     pub perf: Option<PathBuf>,
+    /// Extra `--set KEY=VALUE` for every agent run (experiments; the recorded runs use none).
+    pub agent_sets: Vec<String>,
 }
 
 impl LiveOpts {
@@ -418,7 +420,12 @@ impl AgentProc {
                 "otlp",
             ])
             .args(["--log-format", "json", "--log-level", "info"]);
-        for s in sets {
+        for s in o
+            .agent_sets
+            .iter()
+            .map(String::as_str)
+            .chain(sets.iter().copied())
+        {
             cmd.args(["--set", s]);
         }
         cmd.arg("run")
