@@ -370,7 +370,7 @@ pub fn register_instruments(
         .with_callback(move |obs| {
             let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
             for (t, n) in snap.count_by_type() {
-                obs.observe(n as i64, &[KeyValue::new("hypervisor_type", t.as_str())]);
+                obs.observe(*n as i64, &[KeyValue::new("hypervisor_type", t.as_str())]);
             }
         })
         .build();

@@ -171,17 +171,14 @@ pub struct Snapshot {
     pub version: u64,
     /// Sorted by (connection, uuid).
     pub domains: Vec<Arc<DomainRecord>>,
+    /// Number of domains per hypervisor type, counted once when the snapshot is built.
+    counts: BTreeMap<HypervisorType, usize>,
 }
 
 impl Snapshot {
     /// Number of exported domains per hypervisor type (every type present, zero included).
-    pub fn count_by_type(&self) -> BTreeMap<HypervisorType, usize> {
-        let mut counts: BTreeMap<HypervisorType, usize> =
-            HypervisorType::ALL.iter().map(|t| (*t, 0)).collect();
-        for d in &self.domains {
-            *counts.entry(d.hypervisor_type).or_default() += 1;
-        }
-        counts
+    pub fn count_by_type(&self) -> &BTreeMap<HypervisorType, usize> {
+        &self.counts
     }
 }
 
@@ -538,9 +535,15 @@ impl Inventory {
             .filter_map(|e| e.record.clone())
             .collect();
         domains.sort_by(|a, b| (a.conn, &a.uuid).cmp(&(b.conn, &b.uuid)));
+        let mut counts: BTreeMap<HypervisorType, usize> =
+            HypervisorType::ALL.iter().map(|t| (*t, 0)).collect();
+        for d in &domains {
+            *counts.entry(d.hypervisor_type).or_default() += 1;
+        }
         let snap = Arc::new(Snapshot {
             version: self.version,
             domains,
+            counts,
         });
         self.cached = Some(Arc::clone(&snap));
         snap

@@ -436,7 +436,8 @@ fn count_by_type_includes_zero_types() {
     let mut inv = Inventory::new();
     start(&mut inv, dref("a", 1, "a"), "kvm");
     start(&mut inv, dref("b", 2, "b"), "kvm");
-    let counts = inv.snapshot().count_by_type();
+    let snap = inv.snapshot();
+    let counts = snap.count_by_type();
     assert_eq!(counts[&HypervisorType::Kvm], 2);
     assert_eq!(counts[&HypervisorType::QemuTcg], 0);
     assert_eq!(counts[&HypervisorType::Unknown], 0);
