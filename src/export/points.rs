@@ -54,8 +54,9 @@ impl InfoPoints {
         self.points.iter().map(|(_, attrs)| &attrs[..])
     }
 
-    fn rebuild(&mut self, snap: &Snapshot, conns: &ConnTable) {
+    fn rebuild(&mut self, snap: &Snapshot, conns: &Arc<ConnTable>) {
         let old_conns = self.conns.take();
+        let same_conns = old_conns.as_ref().is_some_and(|c| Arc::ptr_eq(c, conns));
         let mut old = std::mem::take(&mut self.points).into_iter().peekable();
         let mut points = Vec::with_capacity(snap.domains.len());
         for rec in &snap.domains {
@@ -67,23 +68,28 @@ impl InfoPoints {
             {
                 old.next();
             }
-            let meta = conns.get(&rec.conn);
+            // Unchanged: the same record, and the same connection values (the same table, or
+            // equal values in a changed one).
             let unchanged = old.peek().is_some_and(|(r, _)| {
                 Arc::ptr_eq(r, rec)
-                    && old_conns
-                        .as_ref()
-                        .is_some_and(|c| same_conn_attributes(&self.opt, c.get(&rec.conn), meta))
+                    && (same_conns
+                        || old_conns.as_ref().is_some_and(|c| {
+                            same_conn_attributes(&self.opt, c.get(&rec.conn), conns.get(&rec.conn))
+                        }))
             });
             let attrs = match old.next_if(|_| unchanged) {
                 Some((_, attrs)) => attrs,
-                None => domain_attributes(
-                    rec,
-                    &self.node,
-                    &self.opt,
-                    meta.and_then(|m| m.hypervisor_version.as_ref()),
-                    meta.and_then(|m| m.pod_uid.as_ref()),
-                )
-                .into_boxed_slice(),
+                None => {
+                    let meta = conns.get(&rec.conn);
+                    domain_attributes(
+                        rec,
+                        &self.node,
+                        &self.opt,
+                        meta.and_then(|m| m.hypervisor_version.as_ref()),
+                        meta.and_then(|m| m.pod_uid.as_ref()),
+                    )
+                    .into_boxed_slice()
+                }
             };
             points.push((Arc::clone(rec), attrs));
         }

@@ -211,7 +211,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct ConnState {
-    domains: HashMap<String, Entry>,
+    /// Ordered by UUID, so that a snapshot comes out sorted without sorting.
+    domains: BTreeMap<String, Entry>,
     /// Resyncs in progress: their start sequence.
     resyncs: Vec<u64>,
     /// Domains removed by an event while a resync is in progress: uuid → sequence.
@@ -259,7 +260,8 @@ fn request_fetch(state: &mut ConnState, conn: ConnId, dom: DomainRef, seq: u64) 
 /// The inventory. Single writer; wrap it in a mutex to share.
 #[derive(Debug, Default)]
 pub struct Inventory {
-    conns: HashMap<ConnId, ConnState>,
+    /// Ordered by connection id (see `domains`).
+    conns: BTreeMap<ConnId, ConnState>,
     seq: u64,
     version: u64,
     cached: Option<Arc<Snapshot>>,
@@ -528,13 +530,13 @@ impl Inventory {
         if let Some(s) = &self.cached {
             return Arc::clone(s);
         }
-        let mut domains: Vec<Arc<DomainRecord>> = self
+        // Both maps are ordered: this is already sorted by (connection, uuid).
+        let domains: Vec<Arc<DomainRecord>> = self
             .conns
             .values()
             .flat_map(|c| c.domains.values())
             .filter_map(|e| e.record.clone())
             .collect();
-        domains.sort_by(|a, b| (a.conn, &a.uuid).cmp(&(b.conn, &b.uuid)));
         let mut counts: BTreeMap<HypervisorType, usize> =
             HypervisorType::ALL.iter().map(|t| (*t, 0)).collect();
         for d in &domains {
