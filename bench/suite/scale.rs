@@ -426,9 +426,9 @@ pub fn run_rss(domains: usize, conns: usize) -> Result<RssResult> {
             .strip_prefix("listening ")
             .context("unexpected sink output")?
             .to_string();
-        // Same runtime shape as the agent's main.rs.
+        // Same runtime shape as the agent's main.rs (one worker).
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .max_blocking_threads(64)
             .enable_all()
             .build()?;
