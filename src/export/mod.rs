@@ -38,7 +38,6 @@ use tokio::sync::Notify;
 
 use crate::config::{AgentConfig, ExporterKind};
 use crate::inventory::{Inventory, Lifecycle};
-pub use points::domain_attributes;
 pub use telemetry::Telemetry;
 
 /// Meter (instrumentation scope) name.

@@ -119,7 +119,7 @@ fn shared(s: &Arc<str>) -> Value {
 }
 
 /// The data-point attributes of one domain (contract §1), sorted by key as the SDK stores them.
-pub fn domain_attributes(
+fn domain_attributes(
     d: &DomainRecord,
     node: &Arc<str>,
     opt: &OptionalAttributes,

@@ -10,6 +10,7 @@
 //! let a panic unwind into C. [`DomainHandle`] owns one domain reference.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
@@ -36,12 +37,12 @@ pub struct RawLifecycle {
 /// reference without panicking; that is local (no RPC) while the connection is open, and a
 /// handle keeps its connection object alive, so drop handles before closing the connection.
 #[derive(Debug)]
-pub struct DomainHandle(Option<Domain>);
+pub struct DomainHandle(ManuallyDrop<Domain>);
 
 impl DomainHandle {
     /// Take ownership of a domain reference (e.g. one returned by a listing).
     pub fn new(dom: Domain) -> Self {
-        Self(Some(dom))
+        Self(ManuallyDrop::new(dom))
     }
 
     /// A new reference to a domain libvirt lent us (in a callback).
@@ -54,19 +55,20 @@ impl DomainHandle {
             return None;
         }
         // SAFETY: the wrapper takes over the reference taken above; `Drop` releases it once.
-        Some(Self(Some(unsafe { Domain::from_ptr(dom) })))
+        Some(Self::new(unsafe { Domain::from_ptr(dom) }))
     }
 
-    pub fn domain(&self) -> Option<&Domain> {
-        self.0.as_ref()
+    pub fn domain(&self) -> &Domain {
+        &self.0
     }
 }
 
 impl Drop for DomainHandle {
     fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            release_domain(d);
-        }
+        // SAFETY: `drop` runs once and the field is never used after it; the wrapper's own
+        // (panicking) `Drop` never runs, `release_domain` frees its reference instead.
+        let d = unsafe { ManuallyDrop::take(&mut self.0) };
+        release_domain(d);
     }
 }
 

@@ -84,7 +84,7 @@ pub fn list_active(watched: &Watched) -> Result<Listing, LibvirtError> {
     };
     for d in domains {
         let handle = DomainHandle::new(d);
-        let Some(d) = handle.domain() else { continue };
+        let d = handle.domain();
         match (d.uuid_string(), d.name()) {
             (Ok(uuid), Ok(name)) => {
                 out.domains.push(DomainRef {
@@ -136,10 +136,7 @@ pub fn fetch_domain(
             }
         }
     };
-    let Some(domain) = handle.domain() else {
-        return Fetched::Gone;
-    };
-    let xml = domain.xml_desc(0);
+    let xml = handle.domain().xml_desc(0);
     drop(handle);
     match xml {
         Ok(xml) => match parse_domain_xml(xml.as_bytes(), wants) {
