@@ -64,6 +64,13 @@ impl Args {
             None => Ok(default.to_vec()),
         }
     }
+
+    /// A comma-separated list of strings (empty when the option is absent).
+    fn strings(&self, name: &str) -> Vec<String> {
+        self.get(name)
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    }
 }
 
 fn main() {
@@ -96,15 +103,9 @@ fn real_main() -> Result<()> {
                 peer_transitions: args.num("--peer-transitions", 50)?,
                 scrape_secs: args.num("--scrape-secs", 15.0)?,
                 sync_runs: args.num("--sync-runs", 5)?,
-                phases: args
-                    .get("--phases")
-                    .map(|p| p.split(',').map(str::to_string).collect())
-                    .unwrap_or_default(),
+                phases: args.strings("--phases"),
                 perf: args.get("--perf").map(PathBuf::from),
-                agent_sets: args
-                    .get("--agent-set")
-                    .map(|p| p.split(',').map(str::to_string).collect())
-                    .unwrap_or_default(),
+                agent_sets: args.strings("--agent-set"),
             };
             live::run(&o)?;
         }

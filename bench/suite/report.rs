@@ -434,7 +434,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
         for t in &sc.timing {
             writeln!(w, "| {} | {} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} / {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {} / {} | {:.0} KiB ({:.0} KiB) | {:.2} µs | {:.2} µs |",
                 t.domains, t.conns, t.attributes, t.collect_ms_p50, t.collect_ms_p99, t.collect_ms_max,
-                t.collect_changed_ms_p50, t.collect_changed_ms_p99, t.flush_ms_p50, t.snapshot_rebuild_ms,
+                t.collect_changed_ms_p50, t.collect_changed_ms_p99, t.collect_encode_ms_p50, t.snapshot_rebuild_ms,
                 t.encode_ms_p50, t.info_points, t.total_points, t.payload_bytes as f64 / 1024.0, t.payload_gzip_bytes as f64 / 1024.0,
                 t.populate_ns_per_domain / 1e3, t.churn_ns / 1e3)?;
         }

@@ -249,7 +249,7 @@ pub struct ScaleResult {
     pub collect_changed_ms_p50: f64,
     pub collect_changed_ms_p99: f64,
     /// Collection + OTLP encoding (one export's CPU before the network), ms.
-    pub flush_ms_p50: f64,
+    pub collect_encode_ms_p50: f64,
     /// OTLP transform + protobuf size computation, ms.
     pub encode_ms_p50: f64,
     /// Export request size, bytes (protobuf, uncompressed) and gzip-compressed.
@@ -305,34 +305,32 @@ pub fn run_scale(
         Arc::clone(&telemetry),
     );
 
-    let collect_once = |gzip: bool| -> Result<(f64, f64, Seen)> {
+    let collect_once = |gzip: bool| -> Result<(f64, Seen)> {
         {
             let mut p = lock(&probe);
             p.first_callback = None;
             p.gzip = gzip;
             p.seen = Seen::default();
         }
-        let t0 = Instant::now();
         provider.force_flush().context("force_flush")?;
-        let flush = t0.elapsed().as_secs_f64() * 1e3;
         let p = lock(&probe).clone();
         let (Some(first), Some(entered)) = (p.first_callback, p.seen.entered) else {
             bail!("the exporter or the callbacks did not run");
         };
         let collect = entered.saturating_duration_since(first).as_secs_f64() * 1e3;
-        Ok((collect, flush, p.seen))
+        Ok((collect, p.seen))
     };
 
     // Warm-up (first collection allocates the aggregation maps), and sizes.
-    let (_, _, first) = collect_once(true)?;
+    let (_, first) = collect_once(true)?;
     let mut collect = Vec::new();
-    let mut flush = Vec::new();
     let mut encode = Vec::new();
+    let mut collect_encode = Vec::new();
     for _ in 0..collections {
-        let (c, _, s) = collect_once(false)?;
+        let (c, s) = collect_once(false)?;
         collect.push(c);
         encode.push(s.encode_ns as f64 / 1e6);
-        flush.push(c + s.encode_ns as f64 / 1e6);
+        collect_encode.push(c + s.encode_ns as f64 / 1e6);
     }
     let mut changed = Vec::new();
     let mut churn_ns = Vec::new();
@@ -344,7 +342,7 @@ pub fn run_scale(
             churn(&mut inv, (k * 7919) % domains, conns, k as u32);
             churn_ns.push(t.elapsed().as_nanos() as f64);
         }
-        let (c, _, _) = collect_once(false)?;
+        let (c, _) = collect_once(false)?;
         changed.push(c);
         if domains > 0 {
             let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
@@ -368,7 +366,7 @@ pub fn run_scale(
         collect_ms_max: percentile(&collect, 100.0),
         collect_changed_ms_p50: median(&changed),
         collect_changed_ms_p99: percentile(&changed, 99.0),
-        flush_ms_p50: median(&flush),
+        collect_encode_ms_p50: median(&collect_encode),
         encode_ms_p50: median(&encode),
         payload_bytes: first.bytes,
         payload_gzip_bytes: first.gzip_bytes,
