@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod libvirt;
+pub mod pipeline;
 pub mod receiver;
 pub mod reliability;
 pub mod session;

@@ -44,10 +44,13 @@ if promtool test rules "$tmp/$(basename "$rules_test")" >"$tmp/mutant.log" 2>&1;
 fi
 echo "check-prometheus: mutation (freshness filters removed) is caught by the tests: ok"
 
-# Collector config: no otelcol binary can be installed here, so check its structure.
+# Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
+# built and cached by scripts/build-collector.sh), then what this pipeline needs of it.
+bash "$(dirname "${BASH_SOURCE[0]}")/../../scripts/build-collector.sh" --validate >/dev/null ||
+    fail "$collector: otelcol-vha validate"
 bin=$(deploy_venv)
 "$bin/python" - "$collector" <<'PY' || fail "$collector"
-import sys, yaml
+import re, sys, yaml
 path = sys.argv[1]
 c = yaml.safe_load(open(path))
 errs = []
@@ -57,15 +60,19 @@ def get(d, *keys):
             return None
         d = d[k]
     return d
-if get(c, 'receivers', 'otlp', 'protocols', 'grpc', 'endpoint') != '0.0.0.0:4317':
-    errs.append('otlp grpc endpoint must be 0.0.0.0:4317')
-if get(c, 'receivers', 'otlp', 'protocols', 'http', 'endpoint') != '0.0.0.0:4318':
-    errs.append('otlp http endpoint must be 0.0.0.0:4318')
-prw = get(c, 'exporters', 'prometheusremotewrite') or {}
-if not str(prw.get('endpoint', '')).endswith('/api/v1/write'):
-    errs.append('prometheusremotewrite endpoint must end with /api/v1/write')
+def default(v):
+    """The value a ${env:VAR:-default} reference takes when VAR is unset."""
+    m = re.fullmatch(r'\$\{env:[A-Z0-9_]+:-(.*)\}', str(v))
+    return m.group(1) if m else v
+if default(get(c, 'receivers', 'otlp', 'protocols', 'grpc', 'endpoint')) != '0.0.0.0:4317':
+    errs.append('otlp grpc endpoint must default to 0.0.0.0:4317')
+if default(get(c, 'receivers', 'otlp', 'protocols', 'http', 'endpoint')) != '0.0.0.0:4318':
+    errs.append('otlp http endpoint must default to 0.0.0.0:4318')
+prw = get(c, 'exporters', 'prometheus_remote_write') or {}
+if not str(default(prw.get('endpoint', ''))).endswith('/api/v1/write'):
+    errs.append('prometheus_remote_write endpoint must end with /api/v1/write')
 if get(prw, 'tls', 'insecure') is not True:
-    errs.append('prometheusremotewrite tls.insecure must be true for plain http')
+    errs.append('prometheus_remote_write tls.insecure must be true for plain http')
 if get(prw, 'resource_to_telemetry_conversion', 'enabled') is None:
     errs.append('resource_to_telemetry_conversion.enabled must be set explicitly')
 if get(c, 'exporters', 'debug') is None:
@@ -79,8 +86,8 @@ else:
         errs.append('metrics pipeline receivers must be [otlp]')
     if (m.get('processors') or [])[:2] != ['memory_limiter', 'batch']:
         errs.append('metrics pipeline processors must start memory_limiter, batch')
-    if 'prometheusremotewrite' not in (m.get('exporters') or []):
-        errs.append('metrics pipeline must export to prometheusremotewrite')
+    if 'prometheus_remote_write' not in (m.get('exporters') or []):
+        errs.append('metrics pipeline must export to prometheus_remote_write')
 for name, p in pipes.items():
     if not name.startswith('metrics'):
         errs.append(f'pipeline {name}: only metrics pipelines expected')
@@ -94,7 +101,7 @@ for ext in get(c, 'service', 'extensions') or []:
 if errs:
     print('\n'.join(f'{path}: {e}' for e in errs), file=sys.stderr)
     sys.exit(1)
-print(f'check-prometheus: {path}: structure ok (otlp 0.0.0.0:4317/4318 -> memory_limiter -> batch -> prometheusremotewrite)')
+print(f'check-prometheus: {path}: structure ok (otlp 0.0.0.0:4317/4318 -> memory_limiter -> batch -> prometheus_remote_write)')
 PY
 
 "$bin/yamllint" -s -d "$DEPLOY_YAMLLINT_CONFIG" "$collector" "$prom_cfg" "$rules" "$rules_test" \
