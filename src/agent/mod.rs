@@ -154,6 +154,14 @@ impl Agent {
             ));
         }
 
+        // Node KVM capability: checked now and at every resync interval, off the event path.
+        tasks.spawn(crate::node::watch_kvm(
+            Arc::clone(&shared.telemetry),
+            shared.push.clone(),
+            cfg.libvirt.resync_interval,
+            stop_rx.clone(),
+        ));
+
         // Readiness: after every explicit connection finished its first sync (or failed it).
         let ready_push = shared.push.clone();
         tasks.spawn(async move {
