@@ -155,9 +155,10 @@ impl Agent {
         }
 
         // Node KVM capability: checked now and at every resync interval, off the event path.
+        let kvm_push = shared.push.clone();
         tasks.spawn(crate::node::watch_kvm(
             Arc::clone(&shared.telemetry),
-            shared.push.clone(),
+            move || kvm_push.push(),
             cfg.libvirt.resync_interval,
             stop_rx.clone(),
         ));
