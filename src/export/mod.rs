@@ -491,5 +491,21 @@ pub fn register_instruments(
             }
         })
         .build();
+
+    // Whether this node can run KVM guests (src/node): one series per agent, exported at every
+    // interval once the first check finished, so it doubles as the agent's heartbeat.
+    let tel = Arc::clone(&telemetry);
+    let node_attr = [KeyValue::new("node", node.to_string())];
+    let _kvm = meter
+        .i64_observable_gauge("virt_hypervisor_agent_node_kvm_available")
+        .with_description(
+            "1 when this node can run KVM guests (/dev/kvm answers the KVM API), else 0",
+        )
+        .with_callback(move |obs| {
+            if let Some(available) = tel.kvm_available() {
+                obs.observe(i64::from(available), &node_attr);
+            }
+        })
+        .build();
     // Observable instruments stay registered with the provider after their handles drop.
 }

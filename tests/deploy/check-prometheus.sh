@@ -3,7 +3,7 @@
 #   otel/prometheus.yml                                   promtool check config
 #   deploy/prometheus/virt-hypervisor-agent.rules.yml     promtool check rules
 #   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
-#   the tests really depend on the freshness filter (mutation: strip it, tests must fail)
+#   the tests really depend on staleness markers and on the KVM capability (mutants must fail)
 #   otel/collector.yaml                                   structural check (no collector binary here)
 #   all of the above                                      yamllint
 set -euo pipefail
@@ -25,24 +25,40 @@ promtool check config "$prom_cfg" || fail "promtool check config $prom_cfg"
 promtool check rules "$rules" || fail "promtool check rules $rules"
 promtool test rules "$rules_test" || fail "promtool test rules $rules_test"
 
-# Mutation check: without the `time() - timestamp(x) < 90` freshness filters, several tests must
-# fail (stopped VMs / dropped connections would alert from their leftover samples). If they pass,
-# the tests no longer exercise the staleness behaviour.
+# Mutation checks: each mutant must make the tests fail, or they no longer test what they claim.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-cp "$rules_test" "$tmp/"
-python3 - "$rules" "$tmp/$(basename "$rules")" <<'PY'
+mutant() { # NAME: run the tests in $tmp (mutated copies) and require a failure
+    if promtool test rules "$tmp/$(basename "$rules_test")" >"$tmp/mutant.log" 2>&1; then
+        fail "rule tests still pass with $1"
+    fi
+    echo "check-prometheus: mutation ($1) is caught by the tests: ok"
+}
+# 1. No staleness markers (series of stopped VMs and dropped connections simply end, as from a
+#    sender without them): their last samples linger for the lookback and must trip the tests.
+cp "$rules" "$tmp/"
+python3 - "$rules_test" "$tmp/$(basename "$rules_test")" <<'PY'
 import re, sys
 src = open(sys.argv[1]).read()
-out, n = re.subn(r'\n[ \t]*and \(time\(\) - timestamp\([^\n]*\) < 90\)', '', src)
-if n < 5:
-    sys.exit(f"mutation: expected >= 5 freshness filters in {sys.argv[1]}, found {n}")
+out, n = re.subn(r"\bstale\b(?=[^\n]*'$)", '_', src, flags=re.M)
+if n < 4:
+    sys.exit(f"mutation: expected >= 4 stale values in {sys.argv[1]}, found {n}")
 open(sys.argv[2], 'w').write(out)
 PY
-if promtool test rules "$tmp/$(basename "$rules_test")" >"$tmp/mutant.log" 2>&1; then
-    fail "rule tests still pass with the freshness filters removed: they do not test staleness"
-fi
-echo "check-prometheus: mutation (freshness filters removed) is caught by the tests: ok"
+mutant "staleness markers replaced by a plain end of series"
+# 2. The node's own KVM capability replaced by the old inference "other VMs on the node run with
+#    kvm": the single-VM node and the all-emulated node must trip the tests.
+cp "$rules_test" "$tmp/"
+python3 - "$rules" "$tmp/$(basename "$rules")" <<'PY'
+import sys
+src = open(sys.argv[1]).read()
+old = '(max by (node) (virt_hypervisor_agent_node_kvm_available) == 1)'
+new = 'count by (node) (kubevirt_vmi_hypervisor_info{hypervisor_type="kvm"})'
+if src.count(old) != 1:
+    sys.exit(f"mutation: expected the KVM capability join once in {sys.argv[1]}")
+open(sys.argv[2], 'w').write(src.replace(old, new))
+PY
+mutant "KVM capability replaced by the inference from other VMs"
 
 # Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
 # built and cached by scripts/build-collector.sh), then what this pipeline needs of it.
