@@ -181,12 +181,12 @@ fn assert_exact(samples: &[Sample], labels: &BTreeMap<String, String>) {
     assert_eq!(samples[0].value, 1.0);
 }
 
-/// Start `dom`, wait until PromQL shows it, then destroy it and wait until PromQL no longer does;
-/// record both latencies (from the virsh command's return).
+/// Start `dom`, wait until PromQL shows it (with exactly `labels`), then destroy it and wait until
+/// PromQL no longer does; record both latencies (from the virsh command's return).
 fn start_stop(
     prom: &Prometheus,
     table: &mut Table,
-    dom: &TestDomain,
+    (dom, labels): (&TestDomain, &BTreeMap<String, String>),
     node: &str,
     bound: Duration,
     label: &str,
@@ -198,6 +198,7 @@ fn start_stop(
         .wait_for(&q, t, TIMEOUT, |r| r.len() == 1)
         .unwrap_or_else(|e| panic!("{label}: start not visible: {e:#}"));
     table.add(&format!("{label}: start visible in PromQL"), took, bound);
+    assert_exact(&prom.query(&q).expect("query"), labels);
     dom.destroy().expect("virsh destroy");
     let t = Instant::now();
     let took = prom
@@ -255,6 +256,27 @@ fn assert_resource_and_self_metrics(prom: &Prometheus, node: &str, instance: &st
     assert_eq!(up[0].value, 1.0);
 }
 
+/// After the agent's first sync: the running plain TCG domain `plain` with exactly the documented
+/// labels, target_info and every self-metric; returns the agent's `instance` label.
+fn initial_series(prom: &Prometheus, agent: &Agent, node: &str, plain: &TestDomain) -> String {
+    let q_plain = selector(node, plain.exported_name());
+    prom.wait_for(&q_plain, agent.started(), TIMEOUT, |r| r.len() == 1)
+        .unwrap_or_else(|e| {
+            panic!(
+                "initial sync never reached PromQL: {e:#}\n{}",
+                agent.log_tail(30)
+            )
+        });
+    let instance = instance_of(prom, node);
+    assert!(!instance.is_empty());
+    assert_exact(
+        &prom.query(&q_plain).expect("query"),
+        &expected_labels(plain, node, &instance, "qemu-tcg"),
+    );
+    assert_resource_and_self_metrics(prom, node, &instance);
+    instance
+}
+
 /// The collector config's batch timeout is the one the bound assumes.
 fn check_batch_timeout() {
     let yaml = include_str!("../otel/collector.yaml");
@@ -286,22 +308,8 @@ fn collector_remote_write_pipeline_is_true_at_every_instant() {
     plain.start().expect("start plain");
     let mut agent = spawn_agent("qemu:///system", "grpc", &col.grpc_endpoint(), &node);
 
-    // The plain domain, with exactly the documented labels.
+    let instance = initial_series(&prom, &agent, &node, &plain);
     let q_plain = selector(&node, plain.exported_name());
-    prom.wait_for(&q_plain, agent.started(), TIMEOUT, |r| r.len() == 1)
-        .unwrap_or_else(|e| {
-            panic!(
-                "initial sync never reached PromQL: {e:#}\n{}",
-                agent.log_tail(30)
-            )
-        });
-    let instance = instance_of(&prom, &node);
-    assert!(!instance.is_empty());
-    assert_exact(
-        &prom.query(&q_plain).unwrap(),
-        &expected_labels(&plain, &node, &instance, "qemu-tcg"),
-    );
-    assert_resource_and_self_metrics(&prom, &node, &instance);
 
     // Starts and stops, three times; the VMI has the namespace label while it runs.
     for i in 1..=3 {
@@ -604,25 +612,13 @@ fn prometheus3_otlp_receiver_pipeline_is_true_at_every_instant() {
         &prom.otlp_endpoint(),
         &node,
     );
-    let q_plain = selector(&node, plain.exported_name());
-    prom.wait_for(&q_plain, agent.started(), TIMEOUT, |r| r.len() == 1)
-        .unwrap_or_else(|e| {
-            panic!(
-                "initial sync never reached PromQL: {e:#}\n{}",
-                agent.log_tail(30)
-            )
-        });
-    let instance = instance_of(&prom, &node);
-    assert_exact(
-        &prom.query(&q_plain).unwrap(),
-        &expected_labels(&plain, &node, &instance, "qemu-tcg"),
-    );
-    assert_resource_and_self_metrics(&prom, &node, &instance);
+    let instance = initial_series(&prom, &agent, &node, &plain);
+    let labels = expected_labels(&vmi, &node, &instance, "qemu-tcg");
     for i in 1..=3 {
         start_stop(
             &prom,
             &mut table,
-            &vmi,
+            (&vmi, &labels),
             &node,
             VISIBLE_BOUND_DIRECT,
             &format!("#{i}"),

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
@@ -153,10 +152,14 @@ fn mark_callback(p: &SharedProbe) {
     }
 }
 
-/// A push exporter that encodes what it is given exactly as the OTLP exporter would (transform to
-/// the protobuf request) and records when it was called and the size.
+/// A push exporter that builds the request exactly as the agent's OTLP sink does (the SDK
+/// transform plus staleness tracking, `export::wire::Staleness`) and records when it was called
+/// and the size.
 #[derive(Debug)]
-struct EncodingExporter(SharedProbe);
+struct EncodingExporter(
+    SharedProbe,
+    std::sync::Mutex<virt_hypervisor_agent::export::wire::Staleness>,
+);
 
 impl PushMetricExporter for EncodingExporter {
     fn export(
@@ -165,7 +168,16 @@ impl PushMetricExporter for EncodingExporter {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let entered = Instant::now();
         let t = Instant::now();
-        let req = ExportMetricsServiceRequest::from(metrics);
+        let req = {
+            let mut st = self.1.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            let req = st.request(metrics, now, true);
+            st.delivered();
+            req
+        };
         let bytes = req.encoded_len();
         let encode_ns = t.elapsed().as_nanos() as u64;
         let gzip = lock(&self.0).gzip;
@@ -290,9 +302,12 @@ pub fn run_scale(
             domain_type: true,
         };
     }
-    let reader = PeriodicReader::builder(EncodingExporter(Arc::clone(&probe)))
-        .with_interval(Duration::from_secs(3600))
-        .build();
+    let reader = PeriodicReader::builder(EncodingExporter(
+        Arc::clone(&probe),
+        std::sync::Mutex::new(virt_hypervisor_agent::export::wire::Staleness::new(1 << 16)),
+    ))
+    .with_interval(Duration::from_secs(3600))
+    .build();
     // The agent's own provider setup and instruments, with this benchmark's reader.
     let provider = export::provider_builder(&cfg, NODE)
         .with_reader(reader)

@@ -22,6 +22,7 @@
 //! the last of them goes away.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
@@ -36,12 +37,12 @@ use prost::Message;
 /// The flag that makes a data point a staleness marker.
 pub const NO_RECORDED_VALUE: u32 = DataPointFlags::NoRecordedValueMask as u32;
 
-/// One number series: scope, metric name and the encoded (sorted) attribute set.
+/// One number series: (scope, metric name), shared by all of the metric's series, and the
+/// encoded (sorted) attribute set, which is also where a marker's attributes are decoded from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct SeriesKey {
-    scope: String,
-    metric: String,
-    attrs: Vec<u8>,
+    metric: Arc<(String, String)>,
+    attrs: Box<[u8]>,
 }
 
 /// The metric a marker belongs to, as it must appear in the request.
@@ -57,8 +58,8 @@ struct Shape {
 
 #[derive(Clone, Debug)]
 struct Series {
-    shape: Shape,
-    attributes: Vec<KeyValue>,
+    /// Shared by all of the metric's series.
+    shape: Arc<Shape>,
     start_time_unix_nano: u64,
 }
 
@@ -178,10 +179,10 @@ impl Staleness {
             });
         }
         let rm = &mut req.resource_metrics[0];
-        for marker in self.pending.values() {
+        for (key, marker) in &self.pending {
             let s = &marker.series;
             let point = NumberDataPoint {
-                attributes: s.attributes.clone(),
+                attributes: decode_attributes(&key.attrs),
                 start_time_unix_nano: s.start_time_unix_nano,
                 time_unix_nano: marker.since,
                 exemplars: Vec::new(),
@@ -269,7 +270,8 @@ fn series_of(req: &ExportMetricsServiceRequest) -> HashMap<SeriesKey, Series> {
                     ),
                     _ => continue,
                 };
-                let shape = Shape {
+                let metric = Arc::new((scope.name.clone(), m.name.clone()));
+                let shape = Arc::new(Shape {
                     scope: InstrumentationScope {
                         name: scope.name.clone(),
                         version: scope.version.clone(),
@@ -280,21 +282,19 @@ fn series_of(req: &ExportMetricsServiceRequest) -> HashMap<SeriesKey, Series> {
                     description: m.description.clone(),
                     unit: m.unit.clone(),
                     sum,
-                };
+                });
                 for p in points {
                     if p.flags & NO_RECORDED_VALUE != 0 {
                         continue;
                     }
                     let key = SeriesKey {
-                        scope: scope.name.clone(),
-                        metric: m.name.clone(),
-                        attrs: encode_attributes(&p.attributes),
+                        metric: Arc::clone(&metric),
+                        attrs: encode_attributes(&p.attributes).into_boxed_slice(),
                     };
                     out.insert(
                         key,
                         Series {
-                            shape: shape.clone(),
-                            attributes: p.attributes.clone(),
+                            shape: Arc::clone(&shape),
                             start_time_unix_nano: p.start_time_unix_nano,
                         },
                     );
@@ -314,6 +314,19 @@ fn encode_attributes(attrs: &[KeyValue]) -> Vec<u8> {
         // Length-delimited, so that no two different sets encode alike.
         kv.encode_length_delimited(&mut out)
             .unwrap_or_else(|_| unreachable!("a Vec<u8> grows as needed"));
+    }
+    out
+}
+
+/// The attributes [`encode_attributes`] wrote (in key order).
+fn decode_attributes(mut bytes: &[u8]) -> Vec<KeyValue> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        match KeyValue::decode_length_delimited(&mut bytes) {
+            Ok(kv) => out.push(kv),
+            // Our own encoding: cannot fail; stop rather than loop if it ever did.
+            Err(_) => break,
+        }
     }
     out
 }
