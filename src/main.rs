@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use virt_hypervisor_agent::agent;
-use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions, LogFormat};
+use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions};
+use virt_hypervisor_agent::logging::{self, escape_control as esc};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,30 +102,6 @@ fn overrides(c: &Common) -> Result<Vec<(String, String)>, String> {
     Ok(o)
 }
 
-fn init_logging(cfg: &AgentConfig) {
-    // RUST_LOG, when set, replaces log.level. The SDK logs every failed export attempt; the
-    // agent reports failures itself, rate limited (export::reporting), so opentelemetry's own
-    // logs are off unless the filter names them.
-    let level = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => v,
-        _ => cfg.log.level.clone(),
-    };
-    let filter = if level.contains("opentelemetry") {
-        EnvFilter::try_new(&level)
-    } else {
-        EnvFilter::try_new(format!("{level},opentelemetry=off"))
-    }
-    .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match cfg.log.format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = match overrides(&cli.common) {
@@ -154,13 +130,43 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Inventory { json } => {
-            init_logging(&cfg);
+            logging::init(&cfg);
             inventory(&cfg, json)
         }
         Command::Run => {
-            init_logging(&cfg);
+            logging::init(&cfg);
+            warn_export_interval_env(&cfg);
             run(cfg)
         }
+    }
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) is read by the exporter when `export.interval`
+/// is unset; say so when it is not a number (ignored) or out of range (clamped).
+fn warn_export_interval_env(cfg: &AgentConfig) {
+    const VAR: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+    let Some(raw) = std::env::var_os(VAR) else {
+        return;
+    };
+    let raw = raw.to_string_lossy();
+    if cfg.export.interval.is_some() || raw.trim().is_empty() {
+        return;
+    }
+    let (min, max) = (config::MIN_EXPORT_INTERVAL, config::MAX_EXPORT_INTERVAL);
+    let fmt = |d| humantime::format_duration(d).to_string();
+    match raw.trim().parse::<u64>() {
+        Ok(ms) if (min..=max).contains(&std::time::Duration::from_millis(ms)) => {}
+        Ok(_) => tracing::warn!(
+            "{VAR}={:?} is out of range, clamped to {} .. {} (export.interval sets it in the config)",
+            raw,
+            fmt(min),
+            fmt(max)
+        ),
+        Err(_) => tracing::warn!(
+            "{VAR}={:?} ignored, not a whole number of milliseconds; exporting every {}",
+            raw,
+            fmt(config::DEFAULT_EXPORT_INTERVAL)
+        ),
     }
 }
 
@@ -192,7 +198,7 @@ fn run(cfg: AgentConfig) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", esc(&error_chain(&e)));
             ExitCode::FAILURE
         }
     }
@@ -230,12 +236,12 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
     let (snap, failures) = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", esc(&error_chain(&e)));
             return ExitCode::FAILURE;
         }
     };
     for (uri, err) in &failures {
-        eprintln!("warning: {uri}: {err}");
+        eprintln!("warning: {}: {}", esc(uri), esc(err));
     }
     if json {
         let rows: Vec<serde_json::Value> = snap
@@ -268,13 +274,14 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
             "NAMESPACE", "NAME", "NODE", "HYPERVISOR"
         );
         for d in &snap.domains {
+            // Names come from whoever defined the domain: one row is always one line.
             println!(
                 "{:<20} {:<32} {:<16} {:<10} {}",
-                d.identity.namespace.as_deref().unwrap_or("-"),
-                d.identity.name,
-                node,
+                esc(d.identity.namespace.as_deref().unwrap_or("-")),
+                esc(&d.identity.name),
+                esc(&node),
                 d.hypervisor_type.as_str(),
-                d.domain_name
+                esc(&d.domain_name)
             );
         }
         println!("{} active domain(s)", snap.domains.len());

@@ -21,12 +21,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use config::{Config, Environment, FileFormat, Format, Map, Source, Value, ValueKind};
 
 use super::validate::{MAX_CARDINALITY_LIMIT, MAX_FETCH_CONCURRENCY, MAX_KEEPALIVE_COUNT};
-use super::{AgentConfig, DEFAULT_CONFIG_PATH, ENV_PREFIX};
+use super::{AgentConfig, ENV_PREFIX};
 
 /// Environment variable naming the config file (an alternative to `--config`); never a key.
 pub const ENV_CONFIG_PATH: &str = "VIRT_HYPERVISOR_AGENT_CONFIG";
@@ -81,6 +81,23 @@ pub enum ConfigError {
     /// An explicitly given config file does not exist.
     #[error("config file {}: not found", path.display())]
     NotFound { path: PathBuf },
+    #[error("config file {}: {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("config file {}: larger than {limit} bytes", path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("config file {}: {what} at byte {offset} (expected UTF-8 text without NUL bytes)", path.display())]
+    Encoding {
+        path: PathBuf,
+        offset: usize,
+        what: &'static str,
+    },
+    /// Nesting or alias expansion beyond the bounds of [`super::read`].
+    #[error("config file {}: line {line}: {what}", path.display())]
+    Bounds {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
     #[error("config file {}: cannot read", path.display())]
     Read {
         path: PathBuf,
@@ -223,7 +240,7 @@ fn origin_of_key(origins: &BTreeMap<String, Origin>, key: &str) -> Origin {
 pub fn load(opts: &LoadOptions) -> Result<AgentConfig, ConfigError> {
     let mut builder = Config::builder();
     let mut file_uri = None;
-    if let Some((path, text)) = read_file(opts.path.as_deref())? {
+    if let Some((path, text)) = super::read::read_file(opts.path.as_deref())? {
         let uri = path.display().to_string();
         let table = FileFormat::Yaml
             .parse(Some(&uri), &text)
@@ -272,20 +289,6 @@ pub fn load(opts: &LoadOptions) -> Result<AgentConfig, ConfigError> {
     cfg.validate()
         .map_err(|e| e.with_origins(&walker.origins))?;
     Ok(cfg)
-}
-
-/// The config file to read: the given path (which must exist), else the default path if it exists.
-fn read_file(given: Option<&Path>) -> Result<Option<(PathBuf, String)>, ConfigError> {
-    let path = match given {
-        Some(path) => path.to_path_buf(),
-        None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
-        None => return Ok(None),
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Some((path, text))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::NotFound { path }),
-        Err(source) => Err(ConfigError::Read { path, source }),
-    }
 }
 
 /// The `VIRT_HYPERVISOR_AGENT_…` variables, from the given map or the process environment,
@@ -932,8 +935,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// The effective configuration as YAML (for `check-config`), keys in schema order.
 ///
 /// Every leaf is written in JSON syntax, which YAML reads as it is, so the output loads back
-/// as the same configuration, except that `export.headers` values are shown as `<redacted>`
-/// (they often hold credentials). Unset optional keys are written as `null`.
+/// as the same configuration, except that `export.headers` values and the userinfo of
+/// `export.endpoint` (`https://user:password@…`) are shown as `<redacted>` (they hold
+/// credentials). Unset optional keys are written as `null`.
 pub fn to_yaml(cfg: &AgentConfig) -> String {
     let tree = match serde_json::to_value(cfg) {
         Ok(serde_json::Value::Object(map)) => map,
@@ -958,6 +962,14 @@ fn write_section(
     for field in fields {
         let key = join(path, field.name);
         let value = tree.get(field.name).unwrap_or(&J::Null);
+        let redacted;
+        let value = match value {
+            J::String(url) if key == "export.endpoint" => {
+                redacted = J::String(redact_userinfo(url));
+                &redacted
+            }
+            other => other,
+        };
         match (&field.kind, value) {
             (Kind::Section(inner), J::Object(map)) => {
                 out.push_str(&format!("{indent}{}:\n", field.name));
@@ -978,6 +990,18 @@ fn write_section(
             }
             (_, leaf) => out.push_str(&format!("{indent}{}: {leaf}\n", field.name)),
         }
+    }
+}
+
+/// `scheme://user:password@host/…` → `scheme://<redacted>@host/…`; other text unchanged.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 
@@ -1081,6 +1105,25 @@ mod tests {
         let yaml = to_yaml(&cfg);
         assert!(yaml.contains("\"authorization\": \"<redacted>\""), "{yaml}");
         assert!(!yaml.contains("secret"));
+    }
+
+    #[test]
+    fn to_yaml_redacts_endpoint_userinfo() {
+        let mut cfg = AgentConfig::default();
+        cfg.export.endpoint =
+            Some("https://agent:s3cret@otel.example:4318/v1/metrics?a=b@c".into());
+        let yaml = to_yaml(&cfg);
+        assert!(
+            yaml.contains("endpoint: \"https://<redacted>@otel.example:4318/v1/metrics?a=b@c\""),
+            "{yaml}"
+        );
+        assert!(
+            !yaml.contains("s3cret") && !yaml.contains("agent:"),
+            "{yaml}"
+        );
+        for plain in ["http://localhost:4317", "http://c/p@th", "no-scheme@x"] {
+            assert_eq!(redact_userinfo(plain), plain);
+        }
     }
 
     #[test]

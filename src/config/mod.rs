@@ -14,10 +14,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod load;
+mod read;
 mod validate;
 pub use load::{env_var_for, load, to_yaml, ConfigError, LoadOptions, Origin, ENV_CONFIG_PATH};
+pub use read::{MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES};
 pub use validate::{
-    MAX_CARDINALITY_LIMIT, MAX_DEBOUNCE, MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
+    check_log_level, MAX_CARDINALITY_LIMIT, MAX_DEBOUNCE, MAX_EXPORT_INTERVAL,
+    MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/virt-hypervisor-agent/config.yaml";

@@ -313,7 +313,9 @@ pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
 }
 
 /// Periodic export interval: the config's, else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds,
-/// as the SDK reads it; at least [`crate::config::MIN_EXPORT_INTERVAL`]), else the agent's
+/// as the SDK reads it; clamped to [`crate::config::MIN_EXPORT_INTERVAL`] ..
+/// [`crate::config::MAX_EXPORT_INTERVAL`], since a larger one overflows the first deadline),
+/// else the agent's
 /// default of 30 s.
 fn export_interval(cfg: &AgentConfig) -> Duration {
     if let Some(i) = cfg.export.interval {
@@ -322,7 +324,12 @@ fn export_interval(cfg: &AgentConfig) -> Duration {
     std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|ms| Duration::from_millis(ms).max(crate::config::MIN_EXPORT_INTERVAL))
+        .map(|ms| {
+            Duration::from_millis(ms).clamp(
+                crate::config::MIN_EXPORT_INTERVAL,
+                crate::config::MAX_EXPORT_INTERVAL,
+            )
+        })
         .unwrap_or(crate::config::DEFAULT_EXPORT_INTERVAL)
 }
 
