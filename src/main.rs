@@ -4,11 +4,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
 use virt_hypervisor_agent::agent;
 use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions};
+use virt_hypervisor_agent::export::points::{Fate, InfoPoints};
+use virt_hypervisor_agent::export::Telemetry;
 use virt_hypervisor_agent::logging::{self, escape_control as esc};
 
 #[derive(Debug, Parser)]
@@ -125,7 +128,15 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            println!("{}", config::load::to_yaml(&cfg));
+            let yaml = config::load::to_yaml(&cfg) + "\n";
+            if let Err(e) =
+                std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
+            {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("error: writing the configuration: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
             eprintln!("configuration is valid");
             ExitCode::SUCCESS
         }
@@ -243,11 +254,27 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
     for (uri, err) in &failures {
         eprintln!("warning: {}: {}", esc(uri), esc(err));
     }
+    // What the gauge would make of these domains: shared attribute sets and the cardinality
+    // limit (hypervisor_version is not known here, so with that attribute on, domains that differ
+    // only in it are shown as sharing a series).
+    let conns = Telemetry::new();
+    for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
+        conns.add_connection(i as u64 + 1, uri, None);
+    }
+    let mut points = InfoPoints::new(&node, cfg.metric.attributes.clone())
+        .with_cardinality_limit(cfg.metric.cardinality_limit);
+    points
+        .refresh(Arc::clone(&snap), conns.connection_meta())
+        .for_each(drop);
+    let fates = points.fates();
+    let stats = points.stats();
+    let mut out = String::new();
     if json {
         let rows: Vec<serde_json::Value> = snap
             .domains
             .iter()
-            .map(|d| {
+            .zip(&fates)
+            .map(|(d, fate)| {
                 serde_json::json!({
                     "namespace": d.identity.namespace,
                     "name": d.identity.name,
@@ -258,33 +285,67 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     "id": d.id,
                     "vmi_uid": d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()),
                     "uri": cfg.libvirt.uris.get((d.conn as usize).saturating_sub(1)),
+                    "series": match fate {
+                        Fate::Exported => "own",
+                        Fate::Shared => "shared",
+                        Fate::OverLimit => "over_limit",
+                    },
                 })
             })
             .collect();
         match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => out = s + "\n",
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        println!(
-            "{:<20} {:<32} {:<16} {:<10} DOMAIN",
+        out += &format!(
+            "{:<20} {:<32} {:<16} {:<10} DOMAIN\n",
             "NAMESPACE", "NAME", "NODE", "HYPERVISOR"
         );
-        for d in &snap.domains {
+        for (d, fate) in snap.domains.iter().zip(&fates) {
             // Names come from whoever defined the domain: one row is always one line.
-            println!(
-                "{:<20} {:<32} {:<16} {:<10} {}",
+            out += &format!(
+                "{:<20} {:<32} {:<16} {:<10} {}{}\n",
                 esc(d.identity.namespace.as_deref().unwrap_or("-")),
                 esc(&d.identity.name),
                 esc(&node),
                 d.hypervisor_type.as_str(),
-                esc(&d.domain_name)
+                esc(&d.domain_name),
+                match fate {
+                    Fate::Exported => "",
+                    Fate::Shared => "  (same series as a domain above)",
+                    Fate::OverLimit => "  (over metric.cardinality_limit: not exported)",
+                }
             );
         }
-        println!("{} active domain(s)", snap.domains.len());
+        out += &format!(
+            "{} active domain(s), {} series\n",
+            stats.domains, stats.sets
+        );
+    }
+    if stats.collisions > 0 {
+        eprintln!(
+            "warning: {} domain(s) share an attribute set with another domain and are exported as one series; \
+             enable metric.attributes.uuid or pod_uid to tell them apart",
+            stats.collisions
+        );
+    }
+    if stats.over_limit > 0 {
+        eprintln!(
+            "warning: {} of {} attribute sets are beyond metric.cardinality_limit ({}): \
+             they would be exported only as one otel.metric.overflow=true point",
+            stats.over_limit, stats.sets, cfg.metric.cardinality_limit
+        );
+    }
+    if let Err(e) = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        // A reader that stopped early (`inventory | head`) is not an error.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: writing the inventory: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     if failures.len() == cfg.libvirt.uris.len() && !failures.is_empty() {
         return ExitCode::FAILURE;
