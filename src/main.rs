@@ -215,15 +215,25 @@ fn run(cfg: AgentConfig) -> ExitCode {
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP all stop the agent cleanly (final flush, exit 0). SIGHUP is not
+/// a reload: the configuration is read once at start, and a reload that kept unchanged
+/// connections would need the connection registry to diff against; until then, a stop that
+/// a supervisor restarts (systemd, the DaemonSet) applies a new configuration with no half
+/// state. Without a handler, SIGHUP killed the agent with no flush and no log line.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
+    let hup = signal(SignalKind::hangup());
+    match (term, int, hup) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = hup.recv() => tracing::info!(
+                    "SIGHUP received: stopping as for SIGTERM (the configuration is read at start; \
+                     restart the agent to apply a change)"
+                ),
             }
         }
         _ => {

@@ -647,3 +647,81 @@ fn junk_rust_log_and_export_interval_env_are_warned_about() {
     // The configured level (info) still applies.
     assert!(text.contains("INFO"), "{text}");
 }
+
+/// Run the agent until a stderr line contains `until`, then send `signal`; returns the exit
+/// code and the whole log. Killed (and failed) if it does not exit within 10 s.
+fn run_until_then_signal(args: &[&str], until: &str, signal: &str) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = Vec::new();
+    let mut sent = false;
+    let started = Instant::now();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if !sent && line.contains(until) {
+            let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
+            assert!(ok.success());
+            sent = true;
+        }
+        log.push(line);
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("still running: {}", log.join("\n"));
+        }
+    }
+    (child.wait().unwrap().code(), log.join("\n"))
+}
+
+#[test]
+fn sighup_stops_the_agent_cleanly_and_says_so() {
+    let (code, log) = run_until_then_signal(
+        &["--uri", &demo_uri(), "--exporter", "none", "run"],
+        "initial sync done",
+        "-HUP",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("SIGHUP received: stopping as for SIGTERM"),
+        "{log}"
+    );
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn initial_sync_says_which_connections_are_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!(
+        "qemu+unix:///system?socket={}/nothing-here",
+        dir.path().display()
+    );
+    let (code, log) = run_until_then_signal(
+        &[
+            "--uri",
+            &demo_uri(),
+            "--uri",
+            &missing,
+            "--exporter",
+            "none",
+            "run",
+        ],
+        "initial sync done",
+        "-TERM",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("initial sync done without every connection")
+            && log.contains("synced=1 unavailable=1"),
+        "{log}"
+    );
+    // Nothing about a sync after the stop.
+    let after_stop = log.split("shutting down").nth(1).unwrap_or_default();
+    assert!(!after_stop.contains("initial sync"), "{log}");
+}
