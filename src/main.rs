@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            let yaml = config::load::to_yaml(&cfg) + "\n";
+            let yaml = config::to_yaml(&cfg) + "\n";
             if let Err(e) =
                 std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
             {

@@ -21,15 +21,9 @@ use std::path::{Path, PathBuf};
 use yaml_rust2::parser::Parser;
 use yaml_rust2::Event;
 
-use super::load::ConfigError;
+use super::error::ConfigError;
+use super::limits::{MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES};
 use super::DEFAULT_CONFIG_PATH;
-
-/// Largest config file read (the reference config is about 6 KiB).
-pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-/// Deepest nesting of YAML collections (the schema needs 4).
-pub const MAX_YAML_DEPTH: usize = 32;
-/// Most YAML values (scalars and collections, counting each alias expansion in full).
-pub const MAX_YAML_NODES: u64 = 100_000;
 
 /// The config file to read: the given path (which must exist), else the default path if it
 /// exists. Returns the path and its text, with a leading byte order mark removed.

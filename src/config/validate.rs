@@ -16,37 +16,11 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
-use super::load::{truncate, ConfigError};
+use super::error::{truncate, ConfigError};
+use super::limits::*;
 use super::AgentConfig;
 
-pub const MAX_FETCH_CONCURRENCY: usize = 1024;
-/// libvirt takes the count as a C `int`.
-pub const MAX_KEEPALIVE_COUNT: u32 = i32::MAX as u32;
-pub const MAX_CARDINALITY_LIMIT: usize = 10_000_000;
-pub const MIN_EXPORT_INTERVAL: Duration = Duration::from_millis(100);
-pub const MAX_DEBOUNCE: Duration = Duration::from_secs(10);
-pub const MAX_METRIC_NAME_LEN: usize = 255;
-pub const MAX_NODE_NAME_LEN: usize = 253;
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-
-/// `(min, max)` of the durations that have both bounds. The minimums keep a value from being
-/// too short to ever succeed (a `1ns` fetch timeout retried forever); the maximums keep every
-/// deadline and timer computable (`now + 99999999999h` overflows) and sane.
-pub const FETCH_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), MINUTES_10);
-pub const RESYNC_INTERVAL: (Duration, Duration) = (Duration::from_secs(1), DAY);
-pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(10), HOUR);
-pub const RESCAN_INTERVAL: (Duration, Duration) = (Duration::from_millis(100), DAY);
-pub const EXPORT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), MINUTES_10);
-pub const SHUTDOWN_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), MINUTES_10);
-pub const MAX_EXPORT_INTERVAL: Duration = DAY;
-pub const MAX_KEEPALIVE_INTERVAL: Duration = HOUR;
-const MINUTES_10: Duration = Duration::from_secs(600);
-const HOUR: Duration = Duration::from_secs(3600);
-const DAY: Duration = Duration::from_secs(86_400);
-/// Bounds on list and map lengths (each is checked item by item).
-pub const MAX_URIS: usize = 1024;
-pub const MAX_GLOBS: usize = 64;
-pub const MAX_HEADERS: usize = 64;
 
 /// A duration that must lie in `(min, max)`, inclusive.
 fn check_range(
@@ -194,7 +168,7 @@ impl AgentConfig {
             errs,
             "libvirt.fetch_timeout",
             lv.fetch_timeout,
-            FETCH_TIMEOUT,
+            FETCH_TIMEOUT_RANGE,
             "like 10s (a shorter bound cannot open a connection)",
         );
         if !(1..=MAX_FETCH_CONCURRENCY).contains(&lv.fetch_concurrency) {
@@ -211,19 +185,19 @@ impl AgentConfig {
                 errs,
                 "libvirt.resync_interval",
                 resync,
-                RESYNC_INTERVAL,
+                RESYNC_INTERVAL_RANGE,
                 "like 5m, or 0s to disable",
             );
         }
         let rc = &lv.reconnect;
-        if rc.initial_backoff < BACKOFF.0 || rc.initial_backoff > rc.max_backoff {
+        if rc.initial_backoff < BACKOFF_RANGE.0 || rc.initial_backoff > rc.max_backoff {
             errs.push(ConfigError::invalid(
                 "libvirt.reconnect.initial_backoff",
                 "duration",
                 dur(rc.initial_backoff),
                 format!(
                     "expected a duration of at least {} and at most libvirt.reconnect.max_backoff ({})",
-                    humantime::format_duration(BACKOFF.0),
+                    humantime::format_duration(BACKOFF_RANGE.0),
                     humantime::format_duration(rc.max_backoff)
                 ),
             ));
@@ -232,7 +206,7 @@ impl AgentConfig {
             errs,
             "libvirt.reconnect.max_backoff",
             rc.max_backoff,
-            BACKOFF,
+            BACKOFF_RANGE,
             "like 30s",
         );
         let d = &lv.discover;
@@ -274,7 +248,7 @@ impl AgentConfig {
             errs,
             "libvirt.discover.rescan_interval",
             d.rescan_interval,
-            RESCAN_INTERVAL,
+            RESCAN_INTERVAL_RANGE,
             "like 30s",
         );
     }
@@ -348,7 +322,7 @@ impl AgentConfig {
                 errs,
                 "export.timeout",
                 timeout,
-                EXPORT_TIMEOUT,
+                EXPORT_TIMEOUT_RANGE,
                 "like 10s (or unset for OTEL_EXPORTER_OTLP_TIMEOUT)",
             );
         }
@@ -376,7 +350,7 @@ impl AgentConfig {
             errs,
             "export.shutdown_timeout",
             e.shutdown_timeout,
-            SHUTDOWN_TIMEOUT,
+            SHUTDOWN_TIMEOUT_RANGE,
             "like 2s",
         );
         let tls = &e.tls;
