@@ -272,7 +272,8 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
         conns.add_connection(i as u64 + 1, uri, None);
     }
     let mut points = InfoPoints::new(&node, cfg.metric.attributes.clone())
-        .with_cardinality_limit(cfg.metric.cardinality_limit);
+        .with_cardinality_limit(cfg.metric.cardinality_limit)
+        .without_logging();
     points
         .refresh(Arc::clone(&snap), conns.connection_meta())
         .for_each(drop);

@@ -45,6 +45,8 @@ pub struct InfoPoints {
     /// `metric.cardinality_limit`.
     limit: usize,
     stats: PointStats,
+    /// Log changes of the stats (off for `inventory`, which prints its own summary).
+    log: bool,
 }
 
 /// What the last rebuild found.
@@ -101,7 +103,14 @@ impl InfoPoints {
             first: Vec::new(),
             limit: usize::MAX,
             stats: PointStats::default(),
+            log: true,
         }
+    }
+
+    /// Do not log collisions or overflow (the caller reports [`stats`](Self::stats) itself).
+    pub fn without_logging(mut self) -> Self {
+        self.log = false;
+        self
     }
 
     /// The SDK's cardinality limit for the gauge (`metric.cardinality_limit`).
@@ -211,6 +220,9 @@ impl InfoPoints {
     /// line when they clear.
     fn report(&mut self, now: PointStats) {
         let was = std::mem::replace(&mut self.stats, now);
+        if !self.log {
+            return;
+        }
         if now.over_limit > was.over_limit {
             tracing::warn!(
                 sets = now.sets,
