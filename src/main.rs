@@ -333,8 +333,14 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
             );
         }
         out += &format!(
-            "{} active domain(s), {} series\n",
-            stats.domains, stats.sets
+            "{} active domain(s), {} series{}\n",
+            stats.domains,
+            stats.sets,
+            if stats.over_limit > 0 {
+                format!(" ({} beyond metric.cardinality_limit)", stats.over_limit)
+            } else {
+                String::new()
+            }
         );
     }
     if stats.collisions > 0 {

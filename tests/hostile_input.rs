@@ -180,6 +180,10 @@ fn sets_beyond_the_cardinality_limit_are_warned_counted_and_shown_by_inventory()
         stderr.contains("10 of 30 attribute sets are beyond metric.cardinality_limit (20)"),
         "{stderr}"
     );
+    assert!(
+        stdout.contains("30 active domain(s), 30 series (10 beyond metric.cardinality_limit)"),
+        "{stdout}"
+    );
 
     let rx = Receiver::start().unwrap();
     let since = Instant::now();
