@@ -10,5 +10,6 @@ pub mod discovery;
 pub mod domain;
 pub mod export;
 pub mod inventory;
+pub mod logging;
 pub mod node;
 pub mod source;

@@ -4,12 +4,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use virt_hypervisor_agent::agent;
-use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions, LogFormat};
+use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions};
+use virt_hypervisor_agent::export::points::{Fate, InfoPoints};
+use virt_hypervisor_agent::export::Telemetry;
+use virt_hypervisor_agent::logging::{self, escape_control as esc};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,30 +105,6 @@ fn overrides(c: &Common) -> Result<Vec<(String, String)>, String> {
     Ok(o)
 }
 
-fn init_logging(cfg: &AgentConfig) {
-    // RUST_LOG, when set, replaces log.level. The SDK logs every failed export attempt; the
-    // agent reports failures itself, rate limited (export::reporting), so opentelemetry's own
-    // logs are off unless the filter names them.
-    let level = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => v,
-        _ => cfg.log.level.clone(),
-    };
-    let filter = if level.contains("opentelemetry") {
-        EnvFilter::try_new(&level)
-    } else {
-        EnvFilter::try_new(format!("{level},opentelemetry=off"))
-    }
-    .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match cfg.log.format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.with_ansi(ansi).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = match overrides(&cli.common) {
@@ -149,18 +128,56 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            println!("{}", config::load::to_yaml(&cfg));
+            let yaml = config::to_yaml(&cfg) + "\n";
+            if let Err(e) =
+                std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
+            {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("error: writing the configuration: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
             eprintln!("configuration is valid");
             ExitCode::SUCCESS
         }
         Command::Inventory { json } => {
-            init_logging(&cfg);
+            logging::init(&cfg);
             inventory(&cfg, json)
         }
         Command::Run => {
-            init_logging(&cfg);
+            logging::init(&cfg);
+            warn_export_interval_env(&cfg);
             run(cfg)
         }
+    }
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) is read by the exporter when `export.interval`
+/// is unset; say so when it is not a number (ignored) or out of range (clamped).
+fn warn_export_interval_env(cfg: &AgentConfig) {
+    const VAR: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+    let Some(raw) = std::env::var_os(VAR) else {
+        return;
+    };
+    let raw = raw.to_string_lossy();
+    if cfg.export.interval.is_some() || raw.trim().is_empty() {
+        return;
+    }
+    let (min, max) = (config::MIN_EXPORT_INTERVAL, config::MAX_EXPORT_INTERVAL);
+    let fmt = |d| humantime::format_duration(d).to_string();
+    match raw.trim().parse::<u64>() {
+        Ok(ms) if (min..=max).contains(&std::time::Duration::from_millis(ms)) => {}
+        Ok(_) => tracing::warn!(
+            "{VAR}={:?} is out of range, clamped to {} .. {} (export.interval sets it in the config)",
+            raw,
+            fmt(min),
+            fmt(max)
+        ),
+        Err(_) => tracing::warn!(
+            "{VAR}={:?} ignored, not a whole number of milliseconds; exporting every {}",
+            raw,
+            fmt(config::DEFAULT_EXPORT_INTERVAL)
+        ),
     }
 }
 
@@ -192,21 +209,31 @@ fn run(cfg: AgentConfig) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", esc(&error_chain(&e)));
             ExitCode::FAILURE
         }
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP all stop the agent cleanly (final flush, exit 0). SIGHUP is not
+/// a reload: the configuration is read once at start, and a reload that kept unchanged
+/// connections would need the connection registry to diff against; until then, a stop that
+/// a supervisor restarts (systemd, the DaemonSet) applies a new configuration with no half
+/// state. Without a handler, SIGHUP killed the agent with no flush and no log line.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
+    let hup = signal(SignalKind::hangup());
+    match (term, int, hup) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = hup.recv() => tracing::info!(
+                    "SIGHUP received: stopping as for SIGTERM (the configuration is read at start; \
+                     restart the agent to apply a change)"
+                ),
             }
         }
         _ => {
@@ -230,18 +257,35 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
     let (snap, failures) = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", esc(&error_chain(&e)));
             return ExitCode::FAILURE;
         }
     };
     for (uri, err) in &failures {
-        eprintln!("warning: {uri}: {err}");
+        eprintln!("warning: {}: {}", esc(uri), esc(err));
     }
+    // What the gauge would make of these domains: shared attribute sets and the cardinality
+    // limit (hypervisor_version is not known here, so with that attribute on, domains that differ
+    // only in it are shown as sharing a series).
+    let conns = Telemetry::new();
+    for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
+        conns.add_connection(i as u64 + 1, uri, None);
+    }
+    let mut points = InfoPoints::new(&node, cfg.metric.attributes.clone())
+        .with_cardinality_limit(cfg.metric.cardinality_limit)
+        .without_logging();
+    points
+        .refresh(Arc::clone(&snap), conns.connection_meta())
+        .for_each(drop);
+    let fates = points.fates();
+    let stats = points.stats();
+    let mut out = String::new();
     if json {
         let rows: Vec<serde_json::Value> = snap
             .domains
             .iter()
-            .map(|d| {
+            .zip(&fates)
+            .map(|(d, fate)| {
                 serde_json::json!({
                     "namespace": d.identity.namespace,
                     "name": d.identity.name,
@@ -252,32 +296,73 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     "id": d.id,
                     "vmi_uid": d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()),
                     "uri": cfg.libvirt.uris.get((d.conn as usize).saturating_sub(1)),
+                    "series": match fate {
+                        Fate::Exported => "own",
+                        Fate::Shared => "shared",
+                        Fate::OverLimit => "over_limit",
+                    },
                 })
             })
             .collect();
         match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => out = s + "\n",
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        println!(
-            "{:<20} {:<32} {:<16} {:<10} DOMAIN",
+        out += &format!(
+            "{:<20} {:<32} {:<16} {:<10} DOMAIN\n",
             "NAMESPACE", "NAME", "NODE", "HYPERVISOR"
         );
-        for d in &snap.domains {
-            println!(
-                "{:<20} {:<32} {:<16} {:<10} {}",
-                d.identity.namespace.as_deref().unwrap_or("-"),
-                d.identity.name,
-                node,
+        for (d, fate) in snap.domains.iter().zip(&fates) {
+            // Names come from whoever defined the domain: one row is always one line.
+            out += &format!(
+                "{:<20} {:<32} {:<16} {:<10} {}{}\n",
+                esc(d.identity.namespace.as_deref().unwrap_or("-")),
+                esc(&d.identity.name),
+                esc(&node),
                 d.hypervisor_type.as_str(),
-                d.domain_name
+                esc(&d.domain_name),
+                match fate {
+                    Fate::Exported => "",
+                    Fate::Shared => "  (same series as a domain above)",
+                    Fate::OverLimit => "  (over metric.cardinality_limit: not exported)",
+                }
             );
         }
-        println!("{} active domain(s)", snap.domains.len());
+        out += &format!(
+            "{} active domain(s), {} series{}\n",
+            stats.domains,
+            stats.sets,
+            if stats.over_limit > 0 {
+                format!(" ({} beyond metric.cardinality_limit)", stats.over_limit)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if stats.collisions > 0 {
+        eprintln!(
+            "warning: {} domain(s) share an attribute set with another domain and are exported as one series; \
+             enable metric.attributes.uuid or pod_uid to tell them apart",
+            stats.collisions
+        );
+    }
+    if stats.over_limit > 0 {
+        eprintln!(
+            "warning: {} of {} attribute sets are beyond metric.cardinality_limit ({}): \
+             they would be exported only as one otel.metric.overflow=true point",
+            stats.over_limit, stats.sets, cfg.metric.cardinality_limit
+        );
+    }
+    if let Err(e) = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        // A reader that stopped early (`inventory | head`) is not an error.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: writing the inventory: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     if failures.len() == cfg.libvirt.uris.len() && !failures.is_empty() {
         return ExitCode::FAILURE;

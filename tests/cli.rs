@@ -437,3 +437,291 @@ fn sigterm_exits_zero_quickly_even_with_the_collector_down() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Run the binary with `args`, killing it if it has not exited within `limit` (a hang guard:
+/// before the bounded reader, a FIFO blocked forever and an alias bomb ran for minutes).
+fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("VIRT_HYPERVISOR_AGENT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Config files that are hostile or damaged: each is refused with exit 2 and a message that
+/// names the file and the problem, quickly, without a crash and without opening a connection.
+#[test]
+fn hostile_config_files_are_refused_quickly_with_exit_2() {
+    let wire = Tripwire::new();
+    let dir = tempfile::tempdir().unwrap();
+    let head = format!("libvirt:\n  uris: [\"{}\"]\n", wire.uri);
+    let mut bomb = head.clone()
+        + "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n";
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        bomb += &format!(
+            "{name}: &{name} [{}]\n",
+            vec![format!("*{prev}"); 9].join(",")
+        );
+    }
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "alias bomb",
+            bomb.into_bytes(),
+            vec!["line 8", "aliases are expanded"],
+        ),
+        (
+            "10,000 nested sequences",
+            format!("{head}node_name:\n{}x\n", "- ".repeat(10_000)).into_bytes(),
+            vec!["line 4", "nested deeper than 32 levels"],
+        ),
+        (
+            "NUL byte hiding an unknown key",
+            [
+                head.as_bytes(),
+                b"node_name: good\n\0\nlibvirt:\n  bogus: 1\n",
+            ]
+            .concat(),
+            vec!["NUL byte at byte"],
+        ),
+        (
+            "invalid UTF-8",
+            [head.as_bytes(), b"node_name: go\xffod\n"].concat(),
+            vec!["invalid UTF-8 at byte"],
+        ),
+        (
+            "more than 1 MiB",
+            format!("{head}# {}\n", "x".repeat(1024 * 1024)).into_bytes(),
+            vec!["larger than 1048576 bytes"],
+        ),
+    ];
+    for (what, bytes, needles) in cases {
+        let path = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&path, &bytes).unwrap();
+        let (code, _, stderr) = run_bounded(
+            &["--config".as_ref(), path.as_os_str(), "run".as_ref()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "{what}: {stderr}"
+        );
+        for n in needles {
+            assert!(stderr.contains(n), "{what}: must mention {n:?}: {stderr}");
+        }
+        assert!(!wire.touched(), "{what}: a connection was opened");
+    }
+
+    // Not regular files: a FIFO (used to block forever), a character device (used to grow
+    // without bound), a directory.
+    let fifo = dir.path().join("fifo.yaml");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for (path, kind) in [
+        (fifo.as_path(), "a FIFO"),
+        (std::path::Path::new("/dev/zero"), "a character device"),
+        (dir.path(), "a directory"),
+    ] {
+        let (code, _, stderr) = run_bounded(
+            &[
+                "--config".as_ref(),
+                path.as_os_str(),
+                "check-config".as_ref(),
+            ],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(2), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains(&format!("{kind}, not a regular file")),
+            "{}: {stderr}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn a_byte_order_mark_at_the_start_of_the_config_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bom.yaml");
+    std::fs::write(&path, b"\xef\xbb\xbfnode_name: with-bom\n").unwrap();
+    let (code, stdout, stderr) = run_bounded(
+        &[
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--uri".as_ref(),
+            "test:///default".as_ref(),
+            "check-config".as_ref(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("node_name: \"with-bom\""), "{stdout}");
+}
+
+#[test]
+fn check_config_redacts_the_endpoint_password() {
+    let out = Command::new(BIN)
+        .args([
+            "--uri",
+            "test:///default",
+            "--endpoint",
+            "https://agent:s3cret@otel.example:4318",
+            "check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("endpoint: \"https://<redacted>@otel.example:4318\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+}
+
+/// Environment the agent reads but cannot reject (it is not configuration): a junk value is
+/// reported once at startup instead of being ignored without a word.
+#[test]
+fn junk_rust_log_and_export_interval_env_are_warned_about() {
+    let mut child = Command::new(BIN)
+        .args(["--uri", "test:///default", "--exporter", "none", "run"])
+        .env("RUST_LOG", "verbose")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "junk")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                let done = line.contains("initial sync done");
+                lines.lock().unwrap().push(line);
+                if done {
+                    break;
+                }
+            }
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        });
+    });
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = lines.into_inner().unwrap().join("\n");
+    assert!(
+        text.contains("WARN") && text.contains("RUST_LOG=\"verbose\" ignored"),
+        "{text}"
+    );
+    assert!(
+        text.contains("OTEL_METRIC_EXPORT_INTERVAL=\"junk\" ignored"),
+        "{text}"
+    );
+    // The configured level (info) still applies.
+    assert!(text.contains("INFO"), "{text}");
+}
+
+/// Run the agent until a stderr line contains `until`, then send `signal`; returns the exit
+/// code and the whole log. Killed (and failed) if it does not exit within 10 s.
+fn run_until_then_signal(args: &[&str], until: &str, signal: &str) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = Vec::new();
+    let mut sent = false;
+    let started = Instant::now();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if !sent && line.contains(until) {
+            let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
+            assert!(ok.success());
+            sent = true;
+        }
+        log.push(line);
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("still running: {}", log.join("\n"));
+        }
+    }
+    (child.wait().unwrap().code(), log.join("\n"))
+}
+
+#[test]
+fn sighup_stops_the_agent_cleanly_and_says_so() {
+    let (code, log) = run_until_then_signal(
+        &["--uri", &demo_uri(), "--exporter", "none", "run"],
+        "initial sync done",
+        "-HUP",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("SIGHUP received: stopping as for SIGTERM"),
+        "{log}"
+    );
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn initial_sync_says_which_connections_are_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!(
+        "qemu+unix:///system?socket={}/nothing-here",
+        dir.path().display()
+    );
+    let (code, log) = run_until_then_signal(
+        &[
+            "--uri",
+            &demo_uri(),
+            "--uri",
+            &missing,
+            "--exporter",
+            "none",
+            "run",
+        ],
+        "initial sync done",
+        "-TERM",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("initial sync done without every connection")
+            && log.contains("synced=1 unavailable=1"),
+        "{log}"
+    );
+    // Nothing about a sync after the stop.
+    let after_stop = log.split("shutting down").nth(1).unwrap_or_default();
+    assert!(!after_stop.contains("initial sync"), "{log}");
+}

@@ -303,7 +303,37 @@ fn malformed() -> Vec<Case> {
         (
             "zero fetch timeout",
             yaml("libvirt:\n  fetch_timeout: 0s\n"),
-            &["libvirt.fetch_timeout", "\"0s\"", "greater than 0s"],
+            &["libvirt.fetch_timeout", "\"0s\"", "from 100ms to 10m"],
+        ),
+        (
+            "nanosecond fetch timeout (could never open a connection)",
+            yaml("libvirt:\n  fetch_timeout: 1ns\n"),
+            &["libvirt.fetch_timeout", "\"1ns\"", "from 100ms to 10m"],
+        ),
+        (
+            "absurdly long export interval",
+            yaml("export:\n  interval: 99999999999h\n"),
+            &["export.interval", "from 100ms to 1day"],
+        ),
+        (
+            "absurdly long resync interval",
+            yaml("libvirt:\n  resync_interval: 99999999999h\n"),
+            &["libvirt.resync_interval", "from 1s to 1day"],
+        ),
+        (
+            "absurdly long keepalive interval",
+            yaml("libvirt:\n  keepalive_interval: 2h\n"),
+            &["libvirt.keepalive_interval", "\"2h\"", "from 1s to 1h"],
+        ),
+        (
+            "absurdly long max backoff",
+            yaml("libvirt:\n  reconnect:\n    max_backoff: 30days\n"),
+            &["libvirt.reconnect.max_backoff", "from 10ms to 1h"],
+        ),
+        (
+            "absurdly long shutdown timeout",
+            yaml("export:\n  shutdown_timeout: 1year\n"),
+            &["export.shutdown_timeout", "from 100ms to 10m"],
         ),
         (
             "sub-second keepalive",
@@ -316,7 +346,7 @@ fn malformed() -> Vec<Case> {
             &[
                 "libvirt.resync_interval",
                 "\"10ms\"",
-                "0s (disabled) or at least 1s",
+                "from 1s to 1day, like 5m, or 0s to disable",
             ],
         ),
         (
@@ -334,7 +364,7 @@ fn malformed() -> Vec<Case> {
             &[
                 "libvirt.reconnect.initial_backoff",
                 "\"0s\"",
-                "greater than 0s",
+                "at least 10ms",
             ],
         ),
         (
@@ -345,12 +375,12 @@ fn malformed() -> Vec<Case> {
         (
             "zero export timeout",
             yaml("export:\n  timeout: 0s\n"),
-            &["export.timeout", "\"0s\"", "greater than 0s"],
+            &["export.timeout", "\"0s\"", "from 100ms to 10m"],
         ),
         (
             "export interval too short",
             yaml("export:\n  interval: 50ms\n"),
-            &["export.interval", "\"50ms\"", "at least 100ms"],
+            &["export.interval", "\"50ms\"", "from 100ms to 1day"],
         ),
         (
             "debounce too long",
@@ -604,7 +634,8 @@ fn unreadable_config_path_is_an_error() {
         overrides: vec![],
     };
     let err = load(&opts).expect_err("a directory is not a file");
-    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert!(matches!(err, ConfigError::NotRegular { .. }), "{err:?}");
+    assert!(chain(&err).contains("a directory, not a regular file"));
     assert!(chain(&err).contains(&dir.path().display().to_string()));
 }
 
@@ -888,4 +919,35 @@ fn show_sample_messages() {
             println!("{name}:\n  {}", chain(&e));
         }
     }
+}
+
+#[test]
+fn uri_lists_are_bounded_before_they_are_checked_item_by_item() {
+    // 300,000 URIs took the quadratic duplicate check over 20 s; a list is now refused by its
+    // length first, and duplicates in a list of allowed length are found with a set.
+    let many: Vec<String> = (0..300_000).map(|i| format!("test:///n{i}")).collect();
+    let joined = many.join(",");
+    let err = load_layers(Layers {
+        overrides: &[("libvirt.uris", &joined)],
+        ..Layers::default()
+    })
+    .expect_err("too many URIs");
+    let text = chain(&err);
+    assert!(text.contains("libvirt.uris"), "{text}");
+    assert!(text.contains("a list of 300000 URIs"), "{text}");
+    assert!(text.contains("at most 1024 URIs"), "{text}");
+
+    let mut dup: Vec<String> = many[..1024].to_vec();
+    dup[1023] = dup[0].clone();
+    let joined = dup.join(",");
+    let err = load_layers(Layers {
+        overrides: &[("libvirt.uris", &joined)],
+        ..Layers::default()
+    })
+    .expect_err("duplicate");
+    assert!(
+        chain(&err).contains("libvirt.uris[1023]"),
+        "{}",
+        chain(&err)
+    );
 }

@@ -12,7 +12,7 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 8] = [
+const DECLARED: [&str; 10] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
@@ -21,6 +21,8 @@ const DECLARED: [&str; 8] = [
     "virt_hypervisor_agent_reconnects",
     "virt_hypervisor_agent_last_sync_duration",
     "virt_hypervisor_agent_node_kvm_available",
+    "virt_hypervisor_agent_info_collisions",
+    "virt_hypervisor_agent_info_sets_over_limit",
 ];
 
 fn by(series: &[Series], attr: &str) -> BTreeMap<String, f64> {
@@ -130,6 +132,15 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
         if here.available() { 1.0 } else { 0.0 },
         "check here: {here:?}"
     );
+    // The demo node's domains each have their own series, all within the limit.
+    for name in [
+        "virt_hypervisor_agent_info_collisions",
+        "virt_hypervisor_agent_info_sets_over_limit",
+    ] {
+        let series = req.series(name);
+        assert_eq!(series.len(), 1, "{name}");
+        assert_eq!(series[0].value.as_f64(), 0.0, "{name}");
+    }
 
     // Nothing undeclared is exported.
     for name in req.metric_names() {

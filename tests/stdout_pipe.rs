@@ -13,15 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_virt-hypervisor-agent");
 fn a_closed_stdout_is_an_export_failure_not_a_panic() {
     let uri = format!("test://{}/config/demo-node.xml", env!("CARGO_MANIFEST_DIR"));
     let mut child = Command::new(BIN)
-        .args([
-            "--uri",
-            &uri,
-            "--exporter",
-            "stdout",
-            "--config",
-            "/dev/null",
-            "run",
-        ])
+        .args(["--uri", &uri, "--exporter", "stdout", "run"])
         .env("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -32,7 +24,11 @@ fn a_closed_stdout_is_an_export_failure_not_a_panic() {
     // Read the first 100 bytes of the first export, then close the pipe (as `head -c 100` does).
     let mut out = child.stdout.take().unwrap();
     let mut first = [0u8; 100];
-    out.read_exact(&mut first).unwrap();
+    if let Err(e) = out.read_exact(&mut first) {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("no first export on stdout ({e}); the agent said:\n{err}");
+    }
     assert!(String::from_utf8_lossy(&first).starts_with("# export "));
     drop(out);
 

@@ -89,12 +89,12 @@ struct ConnCtx {
 }
 
 /// Run one connection until `stop` turns true. `first_sync` fires after the first resync
-/// (successful or not), for readiness.
+/// (`true`) or the first failure to connect or sync (`false`), for readiness.
 pub async fn supervise(
     shared: Arc<Shared>,
     spec: ConnSpec,
     mut stop: watch::Receiver<bool>,
-    mut first_sync: Option<oneshot::Sender<()>>,
+    mut first_sync: Option<oneshot::Sender<bool>>,
 ) {
     let cfg = &shared.cfg.libvirt;
     let initial = cfg.reconnect.initial_backoff;
@@ -130,7 +130,7 @@ pub async fn supervise(
                 }
                 shared.telemetry.set_up(spec.id, false, None);
                 if let Some(tx) = first_sync.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(false);
                 }
                 let sleep = delays.next().unwrap_or(max);
                 tokio::select! {
@@ -200,7 +200,7 @@ pub async fn supervise(
                 _ = async { match resync_task.as_mut() { Some(t) => { let _ = t.await; } None => std::future::pending().await } } => {
                     resync_task = None;
                     if let Some(tx) = first_sync.take() {
-                        let _ = tx.send(());
+                        let _ = tx.send(true);
                     }
                 }
             }
@@ -234,7 +234,7 @@ pub async fn supervise(
         }
     }
     if let Some(tx) = first_sync.take() {
-        let _ = tx.send(());
+        let _ = tx.send(false);
     }
 }
 

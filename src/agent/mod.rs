@@ -164,13 +164,30 @@ impl Agent {
         ));
 
         // Readiness: after every explicit connection finished its first sync (or failed it).
+        // Says what happened: a connection that could not be opened is not "synced", and a
+        // stop before the first sync ends the wait without announcing anything.
         let ready_push = shared.push.clone();
+        let ready_stop = stop_rx.clone();
         tasks.spawn(async move {
+            let total = first_syncs.len();
+            let mut synced = 0;
             for rx in first_syncs {
-                let _ = rx.await;
+                synced += usize::from(rx.await.unwrap_or(false));
+            }
+            if *ready_stop.borrow() {
+                return;
             }
             ready_push.push_now();
-            tracing::info!("initial sync done");
+            if synced == total {
+                tracing::info!(connections = total, "initial sync done");
+            } else {
+                tracing::warn!(
+                    connections = total,
+                    synced,
+                    unavailable = total - synced,
+                    "initial sync done without every connection; the unavailable ones are retried"
+                );
+            }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         });
         if let Some(period) = watchdog_period() {

@@ -13,12 +13,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod error;
+pub mod limits;
 pub mod load;
+mod print;
+mod read;
+mod schema;
 mod validate;
-pub use load::{env_var_for, load, to_yaml, ConfigError, LoadOptions, Origin, ENV_CONFIG_PATH};
-pub use validate::{
-    MAX_CARDINALITY_LIMIT, MAX_DEBOUNCE, MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
+mod walk;
+pub use error::{ConfigError, Origin};
+pub use limits::{
+    MAX_CARDINALITY_LIMIT, MAX_CONFIG_BYTES, MAX_DEBOUNCE, MAX_EXPORT_INTERVAL,
+    MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
+pub use load::{load, LoadOptions, ENV_CONFIG_PATH};
+pub use print::to_yaml;
+pub use schema::env_var_for;
+pub use validate::check_log_level;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/virt-hypervisor-agent/config.yaml";
 pub const ENV_PREFIX: &str = "VIRT_HYPERVISOR_AGENT";

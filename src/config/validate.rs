@@ -16,18 +16,33 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
-use super::load::{truncate, ConfigError};
+use super::error::{truncate, ConfigError};
+use super::limits::*;
 use super::AgentConfig;
 
-pub const MAX_FETCH_CONCURRENCY: usize = 1024;
-/// libvirt takes the count as a C `int`.
-pub const MAX_KEEPALIVE_COUNT: u32 = i32::MAX as u32;
-pub const MAX_CARDINALITY_LIMIT: usize = 10_000_000;
-pub const MIN_EXPORT_INTERVAL: Duration = Duration::from_millis(100);
-pub const MAX_DEBOUNCE: Duration = Duration::from_secs(10);
-pub const MAX_METRIC_NAME_LEN: usize = 255;
-pub const MAX_NODE_NAME_LEN: usize = 253;
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A duration that must lie in `(min, max)`, inclusive.
+fn check_range(
+    errs: &mut Vec<ConfigError>,
+    key: &'static str,
+    d: Duration,
+    (min, max): (Duration, Duration),
+    example: &str,
+) {
+    if d < min || d > max {
+        errs.push(ConfigError::invalid(
+            key,
+            "duration",
+            dur(d),
+            format!(
+                "expected a duration from {} to {}, {example}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+}
 
 fn dur(d: Duration) -> String {
     format!("{:?}", humantime::format_duration(d).to_string())
@@ -91,36 +106,51 @@ impl AgentConfig {
                 "expected at least one URI (like qemu:///system) unless libvirt.discover.enabled is true",
             ));
         }
-        for (i, uri) in lv.uris.iter().enumerate() {
-            if let Err(why) = check_libvirt_uri(uri) {
-                errs.push(ConfigError::invalid(
-                    format!("libvirt.uris[{i}]"),
-                    "URI",
-                    quoted(uri),
-                    format!(
-                        "expected driver[+transport]://[host]/path like qemu:///system ({why})"
-                    ),
-                ));
-            } else if lv.uris[..i].contains(uri) {
-                errs.push(ConfigError::invalid(
-                    format!("libvirt.uris[{i}]"),
-                    "URI",
-                    quoted(uri),
-                    "expected each URI once (a duplicate would export its domains twice)",
-                ));
+        if lv.uris.len() > MAX_URIS {
+            errs.push(ConfigError::invalid(
+                "libvirt.uris",
+                "value",
+                format!("a list of {} URIs", lv.uris.len()),
+                format!(
+                    "expected at most {MAX_URIS} URIs (use libvirt.discover for launcher pods)"
+                ),
+            ));
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            for (i, uri) in lv.uris.iter().enumerate() {
+                if let Err(why) = check_libvirt_uri(uri) {
+                    errs.push(ConfigError::invalid(
+                        format!("libvirt.uris[{i}]"),
+                        "URI",
+                        quoted(uri),
+                        format!(
+                            "expected driver[+transport]://[host]/path like qemu:///system ({why})"
+                        ),
+                    ));
+                } else if !seen.insert(uri.as_str()) {
+                    errs.push(ConfigError::invalid(
+                        format!("libvirt.uris[{i}]"),
+                        "URI",
+                        quoted(uri),
+                        "expected each URI once (a duplicate would export its domains twice)",
+                    ));
+                }
             }
         }
         let ka = lv.keepalive_interval;
         if !ka.is_zero()
             && (ka < Duration::from_secs(1)
                 || ka.subsec_nanos() != 0
-                || ka.as_secs() > i32::MAX as u64)
+                || ka > MAX_KEEPALIVE_INTERVAL)
         {
             errs.push(ConfigError::invalid(
                 "libvirt.keepalive_interval",
                 "duration",
                 dur(ka),
-                "expected whole seconds, at least 1s (libvirt counts keepalive in seconds), or 0s to disable keepalive",
+                format!(
+                    "expected whole seconds from 1s to {} (libvirt counts keepalive in seconds), or 0s to disable keepalive",
+                    humantime::format_duration(MAX_KEEPALIVE_INTERVAL)
+                ),
             ));
         }
         if !(1..=MAX_KEEPALIVE_COUNT).contains(&lv.keepalive_count) {
@@ -134,14 +164,13 @@ impl AgentConfig {
                 ),
             ));
         }
-        if lv.fetch_timeout.is_zero() {
-            errs.push(ConfigError::invalid(
-                "libvirt.fetch_timeout",
-                "duration",
-                dur(lv.fetch_timeout),
-                "expected a duration greater than 0s, like 10s",
-            ));
-        }
+        check_range(
+            errs,
+            "libvirt.fetch_timeout",
+            lv.fetch_timeout,
+            FETCH_TIMEOUT_RANGE,
+            "like 10s (a shorter bound cannot open a connection)",
+        );
         if !(1..=MAX_FETCH_CONCURRENCY).contains(&lv.fetch_concurrency) {
             errs.push(ConfigError::invalid(
                 "libvirt.fetch_concurrency",
@@ -151,26 +180,35 @@ impl AgentConfig {
             ));
         }
         let resync = lv.resync_interval;
-        if !resync.is_zero() && resync < Duration::from_secs(1) {
-            errs.push(ConfigError::invalid(
+        if !resync.is_zero() {
+            check_range(
+                errs,
                 "libvirt.resync_interval",
-                "duration",
-                dur(resync),
-                "expected 0s (disabled) or at least 1s, like 5m",
-            ));
+                resync,
+                RESYNC_INTERVAL_RANGE,
+                "like 5m, or 0s to disable",
+            );
         }
         let rc = &lv.reconnect;
-        if rc.initial_backoff.is_zero() || rc.initial_backoff > rc.max_backoff {
+        if rc.initial_backoff < BACKOFF_RANGE.0 || rc.initial_backoff > rc.max_backoff {
             errs.push(ConfigError::invalid(
                 "libvirt.reconnect.initial_backoff",
                 "duration",
                 dur(rc.initial_backoff),
                 format!(
-                    "expected a duration greater than 0s and at most libvirt.reconnect.max_backoff ({})",
+                    "expected a duration of at least {} and at most libvirt.reconnect.max_backoff ({})",
+                    humantime::format_duration(BACKOFF_RANGE.0),
                     humantime::format_duration(rc.max_backoff)
                 ),
             ));
         }
+        check_range(
+            errs,
+            "libvirt.reconnect.max_backoff",
+            rc.max_backoff,
+            BACKOFF_RANGE,
+            "like 30s",
+        );
         let d = &lv.discover;
         if !d.kubelet_root.is_absolute() {
             errs.push(ConfigError::invalid(
@@ -188,7 +226,15 @@ impl AgentConfig {
                 "expected at least one socket glob when libvirt.discover.enabled is true",
             ));
         }
-        for (i, glob) in d.globs.iter().enumerate() {
+        if d.globs.len() > MAX_GLOBS {
+            errs.push(ConfigError::invalid(
+                "libvirt.discover.globs",
+                "value",
+                format!("a list of {} globs", d.globs.len()),
+                format!("expected at most {MAX_GLOBS} socket globs"),
+            ));
+        }
+        for (i, glob) in d.globs.iter().enumerate().take(MAX_GLOBS) {
             if glob.trim().is_empty() || glob.contains('\0') {
                 errs.push(ConfigError::invalid(
                     format!("libvirt.discover.globs[{i}]"),
@@ -198,14 +244,13 @@ impl AgentConfig {
                 ));
             }
         }
-        if d.rescan_interval.is_zero() {
-            errs.push(ConfigError::invalid(
-                "libvirt.discover.rescan_interval",
-                "duration",
-                dur(d.rescan_interval),
-                "expected a duration greater than 0s, like 30s",
-            ));
-        }
+        check_range(
+            errs,
+            "libvirt.discover.rescan_interval",
+            d.rescan_interval,
+            RESCAN_INTERVAL_RANGE,
+            "like 30s",
+        );
     }
 
     fn check_metric(&self, errs: &mut Vec<ConfigError>) {
@@ -245,7 +290,15 @@ impl AgentConfig {
                 ));
             }
         }
-        for (name, value) in &e.headers {
+        if e.headers.len() > MAX_HEADERS {
+            errs.push(ConfigError::invalid(
+                "export.headers",
+                "value",
+                format!("a map of {} headers", e.headers.len()),
+                format!("expected at most {MAX_HEADERS} headers"),
+            ));
+        }
+        for (name, value) in e.headers.iter().take(MAX_HEADERS) {
             let key = format!("export.headers.{name}");
             if name.is_empty() || !name.bytes().all(is_tchar) {
                 errs.push(ConfigError::invalid(
@@ -264,24 +317,23 @@ impl AgentConfig {
                 ));
             }
         }
-        if e.timeout.is_some_and(|t| t.is_zero()) {
-            errs.push(ConfigError::invalid(
+        if let Some(timeout) = e.timeout {
+            check_range(
+                errs,
                 "export.timeout",
-                "duration",
-                dur(Duration::ZERO),
-                "expected a duration greater than 0s, like 10s (or unset for OTEL_EXPORTER_OTLP_TIMEOUT)",
-            ));
+                timeout,
+                EXPORT_TIMEOUT_RANGE,
+                "like 10s (or unset for OTEL_EXPORTER_OTLP_TIMEOUT)",
+            );
         }
-        if let Some(interval) = e.interval.filter(|i| *i < MIN_EXPORT_INTERVAL) {
-            errs.push(ConfigError::invalid(
+        if let Some(interval) = e.interval {
+            check_range(
+                errs,
                 "export.interval",
-                "duration",
-                dur(interval),
-                format!(
-                    "expected at least {} (or unset for OTEL_METRIC_EXPORT_INTERVAL)",
-                    humantime::format_duration(MIN_EXPORT_INTERVAL)
-                ),
-            ));
+                interval,
+                (MIN_EXPORT_INTERVAL, MAX_EXPORT_INTERVAL),
+                "like 30s (or unset for OTEL_METRIC_EXPORT_INTERVAL)",
+            );
         }
         if e.debounce > MAX_DEBOUNCE {
             errs.push(ConfigError::invalid(
@@ -294,14 +346,13 @@ impl AgentConfig {
                 ),
             ));
         }
-        if e.shutdown_timeout.is_zero() {
-            errs.push(ConfigError::invalid(
-                "export.shutdown_timeout",
-                "duration",
-                dur(e.shutdown_timeout),
-                "expected a duration greater than 0s, like 2s",
-            ));
-        }
+        check_range(
+            errs,
+            "export.shutdown_timeout",
+            e.shutdown_timeout,
+            SHUTDOWN_TIMEOUT_RANGE,
+            "like 2s",
+        );
         let tls = &e.tls;
         match (&tls.cert_file, &tls.key_file) {
             (Some(cert), None) => errs.push(ConfigError::invalid(
@@ -346,8 +397,9 @@ impl AgentConfig {
 }
 
 /// `EnvFilter` accepts a bare word as a target name (`verbose` would mean "target verbose at
-/// TRACE"), which hides typos of level names; bare words must therefore be levels.
-fn check_log_level(level: &str) -> Result<(), String> {
+/// TRACE"), which hides typos of level names; bare words must therefore be levels. Also used
+/// for `RUST_LOG`.
+pub fn check_log_level(level: &str) -> Result<(), String> {
     if level.trim().is_empty() {
         return Err("empty".into());
     }

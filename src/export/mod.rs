@@ -371,7 +371,9 @@ pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
 }
 
 /// Periodic export interval: the config's, else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds,
-/// as the SDK reads it; at least [`crate::config::MIN_EXPORT_INTERVAL`]), else the agent's
+/// as the SDK reads it; clamped to [`crate::config::MIN_EXPORT_INTERVAL`] ..
+/// [`crate::config::MAX_EXPORT_INTERVAL`], since a larger one overflows the first deadline),
+/// else the agent's
 /// default of 30 s.
 fn export_interval(cfg: &AgentConfig) -> Duration {
     if let Some(i) = cfg.export.interval {
@@ -380,7 +382,12 @@ fn export_interval(cfg: &AgentConfig) -> Duration {
     std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|ms| Duration::from_millis(ms).max(crate::config::MIN_EXPORT_INTERVAL))
+        .map(|ms| {
+            Duration::from_millis(ms).clamp(
+                crate::config::MIN_EXPORT_INTERVAL,
+                crate::config::MAX_EXPORT_INTERVAL,
+            )
+        })
         .unwrap_or(crate::config::DEFAULT_EXPORT_INTERVAL)
 }
 
@@ -403,17 +410,21 @@ pub fn register_instruments(
     telemetry: Arc<Telemetry>,
 ) {
     let meter = provider.meter(METER_NAME);
-    let points = Mutex::new(points::InfoPoints::new(node, cfg.metric.attributes.clone()));
+    let points = Arc::new(Mutex::new(
+        points::InfoPoints::new(node, cfg.metric.attributes.clone())
+            .with_cardinality_limit(cfg.metric.cardinality_limit),
+    ));
 
     let inv = Arc::clone(&inventory);
     let tel = Arc::clone(&telemetry);
+    let info_points = Arc::clone(&points);
     let _info = meter
         .i64_observable_gauge(cfg.metric.name.clone())
         .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg or unknown")
         .with_callback(move |obs| {
             let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
             let conns = tel.connection_meta();
-            let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
+            let mut points = info_points.lock().unwrap_or_else(|p| p.into_inner());
             for attrs in points.refresh(snap, conns) {
                 obs.observe(1, attrs);
             }
@@ -507,5 +518,44 @@ pub fn register_instruments(
             }
         })
         .build();
+
+    register_info_checks(&meter, points, inventory, telemetry);
     // Observable instruments stay registered with the provider after their handles drop.
+}
+
+/// Self-metrics about the info gauge's attribute sets (see [`points`]): collisions and sets
+/// beyond the cardinality limit, as of this collection (each callback brings the shared points
+/// up to date first, which costs nothing when the info gauge's callback already did).
+fn register_info_checks(
+    meter: &opentelemetry::metrics::Meter,
+    points: Arc<Mutex<points::InfoPoints>>,
+    inventory: Arc<Mutex<Inventory>>,
+    telemetry: Arc<Telemetry>,
+) {
+    let stats = move || {
+        let snap = inventory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        let conns = telemetry.connection_meta();
+        let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
+        points.refresh(snap, conns).for_each(drop);
+        points.stats()
+    };
+    let stats = Arc::new(stats);
+    let read = Arc::clone(&stats);
+    let _collisions = meter
+        .i64_observable_gauge("virt_hypervisor_agent_info_collisions")
+        .with_description(
+            "Active domains whose info attribute set another domain already has (both are one series)",
+        )
+        .with_callback(move |obs| obs.observe(read().collisions as i64, &[]))
+        .build();
+    let _over = meter
+        .i64_observable_gauge("virt_hypervisor_agent_info_sets_over_limit")
+        .with_description(
+            "Info attribute sets beyond metric.cardinality_limit, exported only as one otel.metric.overflow point",
+        )
+        .with_callback(move |obs| obs.observe(stats().over_limit as i64, &[]))
+        .build();
 }

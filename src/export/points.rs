@@ -6,7 +6,23 @@
 //! of a set is a few reference-count increments. When the inventory snapshot or the connection
 //! table changes, only the domains whose record changed are rebuilt: the snapshot keeps an
 //! unchanged domain's `Arc<DomainRecord>`, so pointer equality says "unchanged".
+//!
+//! Each rebuild also checks what the SDK would do with the sets, since it does so silently:
+//! - **Collisions.** Two live domains can map to one attribute set: two daemons on one host
+//!   holding domains of the same name, or KubeVirt's old and new launcher pod briefly holding
+//!   the same VMI. The gauge reports *one series per attribute set*, observed once, for as long
+//!   as any domain maps to it (so it ends, and is marked stale, only when the last of them goes
+//!   away). Collisions are counted ([`PointStats::collisions`], the
+//!   `virt_hypervisor_agent_info_collisions` gauge) and logged; the optional attributes
+//!   (`uuid`, `pod_uid`, `domain`) tell such domains apart when that matters.
+//! - **The cardinality limit.** The SDK keeps the first `metric.cardinality_limit` distinct sets
+//!   of a collection, in observation order, and merges the rest into one
+//!   `otel.metric.overflow=true` point. The sets beyond it are counted
+//!   ([`PointStats::over_limit`], `virt_hypervisor_agent_info_sets_over_limit`), and a warning is
+//!   logged when it starts and a line when it clears.
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use opentelemetry::{KeyValue, StringValue, Value};
@@ -24,7 +40,57 @@ pub struct InfoPoints {
     conns: Option<Arc<ConnTable>>,
     /// In snapshot order (connection, uuid).
     points: Vec<(Arc<DomainRecord>, Box<[KeyValue]>)>,
+    /// Per point: whether it is the first with its attribute set (only those are observed).
+    first: Vec<bool>,
+    /// `metric.cardinality_limit`.
+    limit: usize,
+    stats: PointStats,
+    /// Log changes of the stats (off for `inventory`, which prints its own summary).
+    log: bool,
 }
+
+/// What the last rebuild found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PointStats {
+    pub domains: usize,
+    /// Distinct attribute sets: the series observed.
+    pub sets: usize,
+    /// Domains whose attribute set an earlier domain already has (`domains - sets`).
+    pub collisions: usize,
+    /// Distinct sets beyond the cardinality limit, merged by the SDK into the overflow point.
+    pub over_limit: usize,
+}
+
+/// What becomes of one domain's point, in snapshot order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Its own series.
+    Exported,
+    /// Same attribute set as an earlier domain: one series for both.
+    Shared,
+    /// Its set is beyond the cardinality limit: merged into the overflow point.
+    OverLimit,
+}
+
+/// An attribute set as a hash key (every value here is a string).
+struct SetKey<'a>(&'a [KeyValue]);
+
+impl Hash for SetKey<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        for kv in self.0 {
+            kv.key.as_str().hash(h);
+            kv.value.as_str().hash(h);
+        }
+    }
+}
+
+impl PartialEq for SetKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for SetKey<'_> {}
 
 impl InfoPoints {
     pub fn new(node: &str, opt: OptionalAttributes) -> Self {
@@ -34,11 +100,51 @@ impl InfoPoints {
             snap: None,
             conns: None,
             points: Vec::new(),
+            first: Vec::new(),
+            limit: usize::MAX,
+            stats: PointStats::default(),
+            log: true,
         }
     }
 
-    /// Bring the attribute sets up to date with `snap` and `conns`, and return them. Unchanged
-    /// inputs (the same `Arc`s as last time) cost nothing.
+    /// Do not log collisions or overflow (the caller reports [`stats`](Self::stats) itself).
+    pub fn without_logging(mut self) -> Self {
+        self.log = false;
+        self
+    }
+
+    /// The SDK's cardinality limit for the gauge (`metric.cardinality_limit`).
+    pub fn with_cardinality_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// What the last [`refresh`](Self::refresh) found.
+    pub fn stats(&self) -> PointStats {
+        self.stats
+    }
+
+    /// What becomes of each domain of the last refreshed snapshot, in snapshot order.
+    pub fn fates(&self) -> Vec<Fate> {
+        let mut sets = 0;
+        self.first
+            .iter()
+            .map(|first| {
+                if !first {
+                    return Fate::Shared;
+                }
+                sets += 1;
+                if sets > self.limit {
+                    Fate::OverLimit
+                } else {
+                    Fate::Exported
+                }
+            })
+            .collect()
+    }
+
+    /// Bring the attribute sets up to date with `snap` and `conns`, and return them, each
+    /// distinct set once. Unchanged inputs (the same `Arc`s as last time) cost nothing.
     pub fn refresh(
         &mut self,
         snap: Arc<Snapshot>,
@@ -51,7 +157,11 @@ impl InfoPoints {
             self.snap = Some(snap);
             self.conns = Some(conns);
         }
-        self.points.iter().map(|(_, attrs)| &attrs[..])
+        self.points
+            .iter()
+            .zip(&self.first)
+            .filter(|(_, first)| **first)
+            .map(|((_, attrs), _)| &attrs[..])
     }
 
     fn rebuild(&mut self, snap: &Snapshot, conns: &Arc<ConnTable>) {
@@ -93,7 +203,64 @@ impl InfoPoints {
             };
             points.push((Arc::clone(rec), attrs));
         }
+        let mut seen = HashSet::with_capacity(points.len());
+        self.first = points.iter().map(|(_, a)| seen.insert(SetKey(a))).collect();
+        let sets = seen.len();
+        drop(seen);
         self.points = points;
+        self.report(PointStats {
+            domains: self.points.len(),
+            sets,
+            collisions: self.points.len() - sets,
+            over_limit: sets.saturating_sub(self.limit),
+        });
+    }
+
+    /// Log what changed in the stats: a warning when collisions or overflow start or grow, a
+    /// line when they clear.
+    fn report(&mut self, now: PointStats) {
+        let was = std::mem::replace(&mut self.stats, now);
+        if !self.log {
+            return;
+        }
+        if now.over_limit > was.over_limit {
+            tracing::warn!(
+                sets = now.sets,
+                limit = self.limit,
+                over_limit = now.over_limit,
+                "more attribute sets than metric.cardinality_limit: the sets beyond it are \
+                 exported as one otel.metric.overflow=true point, not as their own series; \
+                 raise metric.cardinality_limit"
+            );
+        } else if now.over_limit == 0 && was.over_limit > 0 {
+            tracing::info!(
+                sets = now.sets,
+                limit = self.limit,
+                "attribute sets are back within metric.cardinality_limit"
+            );
+        }
+        if now.collisions > was.collisions {
+            let example = self
+                .points
+                .iter()
+                .zip(&self.first)
+                .find(|(_, first)| !**first)
+                .map(|((rec, _), _)| Arc::clone(rec));
+            tracing::warn!(
+                collisions = now.collisions,
+                domains = now.domains,
+                series = now.sets,
+                example = %example
+                    .as_ref()
+                    .map(|r| r.domain_name.as_str())
+                    .unwrap_or(""),
+                "domains share an attribute set with another domain and are exported as one \
+                 series (ended when the last of them goes away); enable metric.attributes.uuid \
+                 or pod_uid to tell them apart"
+            );
+        } else if now.collisions == 0 && was.collisions > 0 {
+            tracing::info!("no two domains share an attribute set any more");
+        }
     }
 }
 
@@ -403,5 +570,86 @@ mod tests {
         let b = tel.connection_meta();
         assert!(!Arc::ptr_eq(&a, &b));
         assert_eq!((a[&1].reconnects, b[&1].reconnects), (0, 1));
+    }
+
+    fn stop(inv: &mut Inventory, conn: ConnId, uuid: &str, id: u32, name: &str) {
+        let dom = DomainRef {
+            uuid: uuid.into(),
+            id: Some(id),
+            name: name.into(),
+        };
+        inv.apply_event(conn, dom, Lifecycle::Stopped);
+    }
+
+    #[test]
+    fn colliding_domains_are_one_series_until_the_last_of_them_stops() {
+        // Two daemons on one host, each with a domain of the same name.
+        let mut inv = Inventory::new();
+        let tel = Telemetry::new();
+        tel.add_connection(1, "qemu:///system", None);
+        tel.add_connection(2, "qemu:///session", None);
+        start(&mut inv, 1, "u-1", 1, "ns_web", true);
+        start(&mut inv, 2, "u-2", 1, "ns_web", true);
+        start(&mut inv, 2, "u-3", 2, "ns_db", true);
+        let mut p = InfoPoints::new("n", OptionalAttributes::default());
+        let names = |p: &mut InfoPoints, inv: &mut Inventory| -> Vec<String> {
+            collect(p, inv, &tel).into_iter().map(|(n, _)| n).collect()
+        };
+        assert_eq!(names(&mut p, &mut inv), ["web", "db"]);
+        let stats = p.stats();
+        assert_eq!((stats.domains, stats.sets, stats.collisions), (3, 2, 1));
+        assert_eq!(p.fates(), [Fate::Exported, Fate::Shared, Fate::Exported]);
+
+        // Either one stopping leaves the series in place ...
+        stop(&mut inv, 1, "u-1", 1, "ns_web");
+        assert_eq!(names(&mut p, &mut inv), ["web", "db"]);
+        assert_eq!(p.stats().collisions, 0);
+        // ... and only the last one ends it.
+        stop(&mut inv, 2, "u-2", 1, "ns_web");
+        assert_eq!(names(&mut p, &mut inv), ["db"]);
+
+        // With uuid on, they are two series.
+        start(&mut inv, 1, "u-1", 3, "ns_web", true);
+        start(&mut inv, 2, "u-2", 4, "ns_web", true);
+        let opt = OptionalAttributes {
+            uuid: true,
+            ..OptionalAttributes::default()
+        };
+        let mut p = InfoPoints::new("n", opt);
+        assert_eq!(names(&mut p, &mut inv).len(), 3);
+        assert_eq!(p.stats().collisions, 0);
+    }
+
+    #[test]
+    fn sets_beyond_the_cardinality_limit_are_counted_in_observation_order() {
+        let mut inv = Inventory::new();
+        let tel = Telemetry::new();
+        tel.add_connection(1, "a", None);
+        for i in 0..5 {
+            start(
+                &mut inv,
+                1,
+                &format!("u-{i}"),
+                i,
+                &format!("ns_vm{i}"),
+                true,
+            );
+        }
+        // A collision does not use a slot of the limit.
+        start(&mut inv, 1, "u-9", 9, "ns_vm0", true);
+        let mut p = InfoPoints::new("n", OptionalAttributes::default()).with_cardinality_limit(3);
+        let observed = collect(&mut p, &mut inv, &tel);
+        assert_eq!(observed.len(), 5);
+        let stats = p.stats();
+        assert_eq!((stats.sets, stats.collisions, stats.over_limit), (5, 1, 2));
+        use Fate::*;
+        assert_eq!(
+            p.fates(),
+            [Exported, Exported, Exported, OverLimit, OverLimit, Shared]
+        );
+        stop(&mut inv, 1, "u-4", 4, "ns_vm4");
+        stop(&mut inv, 1, "u-3", 3, "ns_vm3");
+        collect(&mut p, &mut inv, &tel);
+        assert_eq!(p.stats().over_limit, 0);
     }
 }
