@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::Shared;
-use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
+use crate::inventory::{
+    ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle, ResyncReport, ResyncToken,
+};
 use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
 use crate::source::SourceEvent;
@@ -343,12 +345,46 @@ async fn fetch_and_apply(ctx: Arc<ConnCtx>, req: FetchRequest, handle: Option<Do
     }
 }
 
+/// A resync begun in the inventory, ended exactly once whatever happens to its task: finished
+/// with a listing, or aborted when dropped (a failed listing, or the task cancelled because its
+/// connection was lost). A token that outlived its task would keep the connection "resyncing"
+/// for good, and every later STOPPED would add a tombstone that is never cleared.
+struct ResyncGuard {
+    shared: Arc<Shared>,
+    token: Option<ResyncToken>,
+}
+
+impl ResyncGuard {
+    fn begin(shared: &Arc<Shared>, conn: ConnId) -> Self {
+        let token = shared.lock_inventory().begin_resync(conn);
+        Self {
+            shared: Arc::clone(shared),
+            token: Some(token),
+        }
+    }
+
+    fn finish(mut self, listing: Vec<(DomainRef, Option<FetchOutcome>)>) -> ResyncReport {
+        match self.token.take() {
+            Some(token) => self.shared.lock_inventory().finish_resync(token, listing),
+            None => ResyncReport::default(),
+        }
+    }
+}
+
+impl Drop for ResyncGuard {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.shared.lock_inventory().abort_resync(token);
+        }
+    }
+}
+
 /// List active domains, read only the ones not already known, apply it all at once.
 async fn resync(ctx: Arc<ConnCtx>) {
     let shared = &ctx.shared;
     let id = ctx.spec.id;
     let started = Instant::now();
-    let token = shared.lock_inventory().begin_resync(id);
+    let guard = ResyncGuard::begin(shared, id);
     let w = Arc::clone(&ctx.watched);
     let listing = tokio::time::timeout(
         shared.cfg.libvirt.fetch_timeout,
@@ -361,7 +397,7 @@ async fn resync(ctx: Arc<ConnCtx>) {
     } = match flatten(listing, "listing") {
         Ok(l) => l,
         Err(why) => {
-            shared.lock_inventory().abort_resync(token);
+            drop(guard);
             tracing::warn!(connection = %ctx.spec.label, error = %why, "resync failed");
             return;
         }
@@ -393,7 +429,7 @@ async fn resync(ctx: Arc<ConnCtx>) {
             (d, o)
         })
         .collect();
-    let report = shared.lock_inventory().finish_resync(token, items);
+    let report = guard.finish(items);
     for req in report.fetches.iter().cloned() {
         tokio::spawn(fetch_and_apply(Arc::clone(&ctx), req, None));
     }

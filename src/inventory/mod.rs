@@ -559,6 +559,17 @@ impl Inventory {
             .unwrap_or(0)
     }
 
+    /// Number of resyncs begun and neither finished nor aborted (all connections). Zero whenever
+    /// no resync task is running: a token that outlives its task leaks tombstones.
+    pub fn resyncs_in_progress(&self) -> usize {
+        self.conns.values().map(|c| c.resyncs.len()).sum()
+    }
+
+    /// Number of tombstones held (all connections); only kept while a resync is in progress.
+    pub fn tombstones(&self) -> usize {
+        self.conns.values().map(|c| c.tombstones.len()).sum()
+    }
+
     /// Number of fetches outstanding (all connections).
     pub fn pending_fetches(&self) -> usize {
         self.conns
