@@ -39,22 +39,26 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let globs = paths::absolute_globs(&cfg);
-    let pods_dir = cfg.kubelet_root.join("pods");
+    let (levels, deep) = paths::watch_patterns(&globs);
     tracing::info!(globs = ?globs, "KubeVirt socket discovery started");
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher: Option<notify::RecommendedWatcher> = None;
+    let mut watches = Watches::new(fs_tx);
     let mut known: BTreeSet<PathBuf> = BTreeSet::new();
 
     loop {
-        if watcher.is_none() {
-            watcher = watch_dir(&pods_dir, fs_tx.clone());
-        }
-        let g = globs.clone();
-        let found: BTreeSet<PathBuf> = tokio::task::spawn_blocking(move || paths::scan(&g))
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let (g, l, d) = (globs.clone(), levels.clone(), deep.clone());
+        let scanned = tokio::task::spawn_blocking(move || {
+            let found: BTreeSet<PathBuf> = paths::scan(&g).into_iter().collect();
+            (found, paths::existing_dirs(&l), paths::existing_dirs(&d))
+        })
+        .await;
+        let Ok((found, dirs, deep_dirs)) = scanned else {
+            tracing::error!("discovery scan panicked");
+            break;
+        };
+        // A directory that got its watch only now may have gained entries since it was scanned:
+        // scan again at once (the levels are few, so this settles in a few rounds).
+        let added = watches.update(&dirs, &deep_dirs);
         let gone: Vec<PathBuf> = known.difference(&found).cloned().collect();
         let new: Vec<PathBuf> = found.difference(&known).cloned().collect();
         known = found;
@@ -68,6 +72,9 @@ pub async fn run(
             }
         }
 
+        if added {
+            continue;
+        }
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(cfg.rescan_interval) => {}
@@ -79,7 +86,6 @@ pub async fn run(
             }
         }
     }
-    drop(watcher);
 }
 
 /// The path to connect to for the socket at `path`: the path itself when it fits a unix socket
@@ -120,33 +126,74 @@ fn changes_entries(kind: &notify::EventKind) -> bool {
     }
 }
 
-/// Watch `dir` recursively; every event pokes `tx`. `None` (logged) when it cannot be watched
-/// yet (the rescan interval still finds sockets, and watching is retried each rescan).
-fn watch_dir(
-    dir: &std::path::Path,
-    tx: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    if !dir.is_dir() {
-        tracing::debug!(dir = %dir.display(), "kubelet pods dir does not exist (yet)");
-        return None;
+/// The inotify watches of discovery: exactly the existing directories at the levels where a
+/// socket can appear, non-recursive, updated after every scan. Every event that can change which
+/// entries exist pokes the channel.
+struct Watches {
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<(PathBuf, bool)>,
+}
+
+impl Watches {
+    fn new(tx: mpsc::UnboundedSender<()>) -> Self {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|ev| changes_entries(&ev.kind)) {
+                let _ = tx.send(());
+            }
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file-system notifications unavailable; relying on periodic rescans");
+                None
+            }
+        };
+        Self {
+            watcher,
+            watched: BTreeSet::new(),
+        }
     }
-    let mut w = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|ev| changes_entries(&ev.kind)) {
-            let _ = tx.send(());
+
+    /// Watch `dirs` (and `deep` recursively), and nothing else; true when a watch was added. A
+    /// directory that cannot be watched (it went away meanwhile) is retried at the next scan.
+    fn update(&mut self, dirs: &[PathBuf], deep: &[PathBuf]) -> bool {
+        let Some(w) = self.watcher.as_mut() else {
+            return false;
+        };
+        let want: BTreeSet<(PathBuf, bool)> = dirs
+            .iter()
+            .map(|d| (d.clone(), false))
+            .chain(deep.iter().map(|d| (d.clone(), true)))
+            .collect();
+        for (dir, _) in self.watched.difference(&want) {
+            // Fails when the directory is gone, which removed its watch already.
+            let _ = w.unwatch(dir);
         }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "file-system notifications unavailable; relying on periodic rescans");
-            return None;
+        let mut now = BTreeSet::new();
+        let mut added = false;
+        for entry in &want {
+            let (dir, recursive) = entry;
+            if self.watched.contains(entry) {
+                now.insert(entry.clone());
+                continue;
+            }
+            let mode = if *recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match w.watch(dir, mode) {
+                Ok(()) => {
+                    added = true;
+                    now.insert(entry.clone());
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch; the next rescan retries")
+                }
+            }
         }
-    };
-    match w.watch(dir, RecursiveMode::Recursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch kubelet pods dir; relying on periodic rescans");
-            None
-        }
+        self.watched = now;
+        added
     }
 }
 
