@@ -444,7 +444,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
             "### 7. Memory (RSS of the agent's real export pipeline, one fresh process per size)"
         )?;
         writeln!(w)?;
-        writeln!(w, "`export::Exporter::start` with the OTLP/gRPC exporter, the agent's runtime shape (2 workers), an inventory filled through `apply_event`/`apply_fetch`, connections registered as KubeVirt discovery does, two exports received by a receiver in another process. The libvirt library is linked but holds no connection: a real agent adds libvirt client state (see the real-libvirt RSS in §1).")?;
+        writeln!(w, "`export::Exporter::start` with the OTLP/gRPC exporter, the agent's runtime shape (1 async worker), an inventory filled through `apply_event`/`apply_fetch`, connections registered as KubeVirt discovery does, two exports received by a receiver in another process. The libvirt library is linked but holds no connection: a real agent adds libvirt client state (see the real-libvirt RSS in §1).")?;
         writeln!(w)?;
         writeln!(w, "| domains | connections | RSS: pipeline, empty | after filling the inventory | after two exports | of which anon / file | peak (VmHWM) | request received |")?;
         writeln!(w, "|---|---|---|---|---|---|---|---|")?;
