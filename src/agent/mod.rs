@@ -343,6 +343,31 @@ pub async fn inventory_once(cfg: &AgentConfig) -> Result<InventoryOnce, AgentErr
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_event_loop_is_released_when_export_setup_fails() {
+        // The only test of this binary that starts the event loop, so no other user holds it.
+        let mut cfg = AgentConfig::default();
+        cfg.libvirt.uris = Vec::new();
+        cfg.export.exporter = ExporterKind::None;
+        let agent = Agent::new(cfg.clone()).expect("an agent without export builds");
+        assert!(event_loop::is_running());
+        drop(agent);
+        assert!(
+            !event_loop::is_running(),
+            "dropping the agent releases the loop"
+        );
+
+        cfg.export.exporter = ExporterKind::Otlp;
+        cfg.export.endpoint = Some("https://127.0.0.1:4317".into());
+        cfg.export.tls.ca_file = Some("/nonexistent/vha-test-ca.pem".into());
+        let failed = Agent::new(cfg);
+        assert!(matches!(failed, Err(AgentError::Export(_))), "{failed:?}");
+        assert!(
+            !event_loop::is_running(),
+            "a failed Agent::new left a user of the event loop behind"
+        );
+    }
+
     #[test]
     fn the_shutdown_deadline_is_split_once_and_never_exceeded() {
         let start = Instant::now();
