@@ -1,6 +1,6 @@
 //! The connection layer in-process, against private libvirt *session* daemons that the tests hang,
 //! kill and restart (never the shared system daemon): the agent's own bookkeeping is inspected
-//! directly through [`Agent::inventory`].
+//! directly through `Agent::inventory`.
 //!
 //! - `resync_tokens_end_with_their_task`: a daemon frozen while a resync lists domains, then killed
 //!   and restarted, several times; once quiet, the inventory holds no resync in progress and no
@@ -13,82 +13,32 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::in_process::InProcess;
 use common::session::{require_session_daemons, SessionDaemon, Vmi, Workspace};
 use common::wait_until;
-use virt_hypervisor_agent::agent::Agent;
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind};
-use virt_hypervisor_agent::export::Telemetry;
-use virt_hypervisor_agent::inventory::Inventory;
 
-/// An agent running on its own runtime thread; dropping it stops it and joins the thread.
-struct Running {
-    inventory: Arc<Mutex<Inventory>>,
-    telemetry: Arc<Telemetry>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+/// The agent in-process, with what these tests read of it.
+struct Running(InProcess);
 
 impl Running {
     fn start(cfg: AgentConfig) -> Running {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let agent = Agent::new(cfg).expect("agent builds");
-                tx.send((agent.inventory(), agent.telemetry())).unwrap();
-                agent
-                    .run(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .expect("agent runs");
-            });
-            // A daemon frozen by a test may still hold a blocking thread: do not wait for it.
-            rt.shutdown_background();
-        });
-        let (inventory, telemetry) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Running {
-            inventory,
-            telemetry,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        Running(InProcess::start(cfg))
     }
 
     fn up(&self) -> bool {
-        self.telemetry.connection_meta().values().all(|m| m.up)
+        self.0.telemetry.connection_meta().values().all(|m| m.up)
     }
 
     fn domains(&self) -> usize {
-        self.inventory.lock().unwrap().snapshot().domains.len()
+        self.0.inventory.lock().unwrap().snapshot().domains.len()
     }
 
     /// (resyncs in progress, tombstones).
     fn bookkeeping(&self) -> (usize, usize) {
-        let inv = self.inventory.lock().unwrap();
+        let inv = self.0.inventory.lock().unwrap();
         (inv.resyncs_in_progress(), inv.tombstones())
     }
 }
