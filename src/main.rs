@@ -181,22 +181,32 @@ fn warn_export_interval_env(cfg: &AgentConfig) {
     }
 }
 
+/// Pods a Kubernetes node runs at most by default (kubelet `--max-pods`); a KubeVirt node can
+/// have one launcher connection per pod.
+const NODE_MAX_PODS: usize = 110;
+
 /// One async worker: the async side (event handling, resync bookkeeping, the export task, the
 /// exporters' connections) is light, and every blocking libvirt call runs on the blocking pool.
 /// A single worker also keeps each export's allocations in one malloc arena: with two, exports
 /// alternated between arenas and the resident set at 10,000 domains was 38 or 49 MiB depending
 /// on which worker ran them.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// Blocking threads are bounded per connection (each holds one of its `fetch_concurrency`
+/// permits, even past its timeout), so a hung daemon only ever holds its own. The pool's cap is a
+/// backstop sized so it never binds before those per-connection bounds on a full node: were it
+/// lower (it was 64), a few dozen hung launcher daemons would starve the healthy ones.
+fn runtime(cfg: &AgentConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    let connections = NODE_MAX_PODS + cfg.libvirt.uris.len();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .max_blocking_threads(64)
+        .max_blocking_threads(connections * cfg.libvirt.fetch_concurrency.max(1) + 16)
         .thread_name("vha-worker")
         .enable_all()
         .build()
 }
 
 fn run(cfg: AgentConfig) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime(&cfg) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -204,8 +214,9 @@ fn run(cfg: AgentConfig) -> ExitCode {
         }
     };
     let result = rt.block_on(agent::run(cfg, shutdown_signal()));
-    // Blocking threads stuck on a hung daemon must not hold the exit hostage.
-    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    // The agent finished within its shutdown deadline; blocking threads still stuck on a hung
+    // daemon must not hold the exit hostage.
+    rt.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -244,7 +255,7 @@ async fn shutdown_signal() {
 }
 
 fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime(cfg) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -253,8 +264,12 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
     };
     let node = agent::resolve_node_name(cfg);
     let result = rt.block_on(agent::inventory_once(cfg));
-    rt.shutdown_timeout(std::time::Duration::from_millis(200));
-    let (snap, failures) = match result {
+    rt.shutdown_background();
+    let agent::InventoryOnce {
+        snapshot: snap,
+        labels,
+        failures,
+    } = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {}", esc(&error_chain(&e)));
@@ -295,7 +310,7 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     "uuid": d.uuid,
                     "id": d.id,
                     "vmi_uid": d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()),
-                    "uri": cfg.libvirt.uris.get((d.conn as usize).saturating_sub(1)),
+                    "uri": labels.get(&d.conn),
                     "series": match fate {
                         Fate::Exported => "own",
                         Fate::Shared => "shared",

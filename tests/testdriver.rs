@@ -5,11 +5,13 @@
 //! driver's state is per process and its events reach every connection, so the inventory must
 //! follow every transition.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::in_process::InProcess;
 use virt::connect::Connect;
-use virt_hypervisor_agent::agent::Agent;
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind};
 use virt_hypervisor_agent::domain::HypervisorType;
 use virt_hypervisor_agent::inventory::{DomainRecord, Inventory};
@@ -45,61 +47,14 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> 
     panic!("timed out after {timeout:?} waiting for: {what}");
 }
 
-struct Running {
-    inventory: Arc<Mutex<Inventory>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Run an agent on its own runtime thread, watching `URI`, exporting nowhere.
-fn start_agent(resync: Duration) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+/// Run an agent in-process, watching `URI`, exporting nowhere.
+fn start_agent(resync: Duration) -> InProcess {
     let mut cfg = AgentConfig::default();
     cfg.libvirt.uris = vec![URI.to_string()];
     cfg.libvirt.resync_interval = resync;
     cfg.export.exporter = ExporterKind::None;
     cfg.node_name = "testdriver-node".into();
-    let (inv_tx, inv_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let agent = Agent::new(cfg).expect("agent builds");
-            inv_tx.send(agent.inventory()).unwrap();
-            agent
-                .run(async {
-                    let _ = stop_rx.await;
-                })
-                .await
-                .expect("agent runs");
-        });
-    });
-    let inventory = inv_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("agent started");
-    Running {
-        inventory,
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    }
+    InProcess::start(cfg)
 }
 
 fn unique(prefix: &str) -> (String, String) {

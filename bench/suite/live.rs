@@ -1,7 +1,9 @@
 //! Benchmarks against the real system libvirtd and QEMU: idle cost, change visibility, initial
 //! sync and per-transition CPU of the agent (release binary, exporting over OTLP/gRPC to an
 //! in-process receiver), side by side with the peer `prometheus-libvirt-exporter` (scraped by a
-//! curl loop) and the floor (`virsh` dumping every domain's XML over one connection).
+//! curl loop) and two floors: for the initial sync, `virsh` dumping every domain's XML over one
+//! connection; for the idle cost, `virsh event --all --loop` (one connection with lifecycle
+//! callbacks, the least any event-driven client can do).
 //!
 //! Every domain created here is named `vha-b-<pid>_dNNN` (a KubeVirt-style `<namespace>_<name>`
 //! with KubeVirt metadata), started `--paused`, and destroyed + undefined at the end (also after
@@ -77,8 +79,14 @@ pub struct IdleRow {
     pub libvirtd_with_peer: CpuDelta,
     pub peer_scrapes: usize,
     pub peer_mem: util::Mem,
-    /// Lifecycle events of domains that are not ours during the three windows.
+    /// Lifecycle events of domains that are not ours during the four windows.
     pub foreign_events: usize,
+    /// The floor of any event-driven client: `virsh event --all --loop`, one connection with
+    /// lifecycle callbacks and nothing else.
+    #[serde(default)]
+    pub floor: CpuDelta,
+    #[serde(default)]
+    pub libvirtd_with_floor: CpuDelta,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -800,6 +808,28 @@ impl Ctx<'_> {
         row.peer_scrapes = scrapes.iter().filter(|s| s.ok && s.done <= t1).count();
         row.peer_mem = util::mem(peer.pid())?;
         peer.stop();
+
+        // The floor: `virsh event --all --loop`, idle over the same window.
+        let mut floor = Command::new("virsh")
+            .args(["-q", "-c", &o.uri, "event", "--all", "--loop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn the floor (virsh event --all --loop)")?;
+        self.sleep(2.0)?;
+        let t0 = Instant::now();
+        let (f0, l0) = (Cpu::read(floor.id())?, Cpu::read(lv)?);
+        util::sleep(window)?;
+        let (f1, l1) = (Cpu::read(floor.id())?, Cpu::read(lv)?);
+        foreign += self
+            .events
+            .foreign_between(t0, Instant::now(), &self.doms.prefix());
+        row.floor = f1.since(&f0);
+        row.libvirtd_with_floor = l1.since(&l0);
+        let _ = floor.kill();
+        let _ = floor.wait();
+
         row.foreign_events = foreign;
         self.check_libvirtd()?;
         Ok(row)

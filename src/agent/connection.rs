@@ -1,5 +1,13 @@
 //! One task per libvirt connection: connect (read-only, callbacks before listing), resync,
-//! apply events, fetch XML off the event-loop thread, and reconnect with backoff when lost.
+//! apply events, fetch XML, and reconnect with backoff when lost.
+//!
+//! A connection's life is a small state machine ([`State`], advanced by [`Connection::step`]):
+//! `Connecting` → `Up` (a [`Session`]: one open connection and every task working on it) →
+//! `Lost` → `Backoff` → `Connecting` …, and `Stopping` from any state once asked to stop. Every
+//! task of a session (its resync, its fetches) lives in the session's `JoinSet`: closing a session
+//! ends them all before the connection is released, and the release (deregistration and close,
+//! both RPCs) runs on a blocking thread, bounded by the stop deadline. Every libvirt call goes
+//! through [`Calls`] (permit, timeout, stop).
 //!
 //! While a connection is down its domains stay exported (QEMU outlives libvirtd restarts); the
 //! resync after reconnecting corrects whatever changed meanwhile.
@@ -8,15 +16,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio::task::JoinSet;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinError, JoinSet};
 
+use super::call::{CallError, Calls, StopSignal};
 use super::Shared;
-use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
+use crate::inventory::{
+    ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle, ResyncReport, ResyncToken,
+};
 use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
-use crate::source::SourceEvent;
+use crate::source::{Feeds, SourceEvent};
 
 /// What a connection task is given.
 #[derive(Clone, Debug)]
@@ -32,358 +44,581 @@ pub struct ConnSpec {
     pub pod_uid: Option<String>,
 }
 
-type PendingOpen = tokio::task::JoinHandle<Result<Watched, libvirt::LibvirtError>>;
-
-/// Open the spec's URI, else its fallback; returns the URI that answered.
-///
-/// An open that times out (a hung daemon accepts the socket but never answers) keeps its
-/// blocking thread until the daemon wakes up. It is parked in `pending`, and no new attempt is
-/// made while it is still stuck, so a long hang costs one thread per connection, not one per
-/// retry. A timeout also skips the fallback URI: the daemon is not answering at all.
-async fn open_any(
-    spec: &ConnSpec,
-    keepalive: Option<(Duration, u32)>,
-    timeout: Duration,
-    tx: mpsc::UnboundedSender<SourceEvent>,
-    pending: &mut Option<PendingOpen>,
-) -> Result<(Watched, String), String> {
-    if let Some(stuck) = pending.take() {
-        if !stuck.is_finished() {
-            *pending = Some(stuck);
-            return Err("the previous open attempt is still waiting for the daemon".into());
-        }
-        // It finished late: its callbacks point at an abandoned channel. Close it off the
-        // async workers.
-        tokio::spawn(async move {
-            if let Ok(Ok(w)) = stuck.await {
-                let _ = tokio::task::spawn_blocking(move || drop(w)).await;
-            }
-        });
-    }
-    let mut errors = Vec::new();
-    for uri in std::iter::once(&spec.uri).chain(spec.fallback_uri.iter()) {
-        let u = uri.clone();
-        let t = tx.clone();
-        let mut handle: PendingOpen =
-            tokio::task::spawn_blocking(move || libvirt::open(&u, keepalive, t));
-        match tokio::time::timeout(timeout, &mut handle).await {
-            Ok(Ok(Ok(w))) => return Ok((w, uri.clone())),
-            Ok(Ok(Err(e))) => errors.push(e.to_string()),
-            Ok(Err(e)) => errors.push(format!("open task failed: {e}")),
-            Err(_) => {
-                *pending = Some(handle);
-                errors.push(format!("open timed out after {timeout:?}"));
-                break;
-            }
-        }
-    }
-    Err(errors.join("; "))
-}
-
-/// Per-connection context shared with its fetch and resync tasks.
+/// What every task of a connection shares, across reconnects.
+#[derive(Debug)]
 struct ConnCtx {
     shared: Arc<Shared>,
     spec: ConnSpec,
-    watched: Arc<Watched>,
-    permits: Arc<Semaphore>,
+    calls: Calls,
 }
 
-/// Run one connection until `stop` turns true. `first_sync` fires after the first resync
-/// (`true`) or the first failure to connect or sync (`false`), for readiness.
+/// A connection's life.
+enum State {
+    /// About to open the connection; `failures` attempts of this outage failed so far.
+    Connecting { failures: u32 },
+    /// Waiting before the next attempt.
+    Backoff { failures: u32, delay: Duration },
+    /// Open, events flowing.
+    Up(Session),
+    /// The daemon went away or stopped answering: close, then reconnect.
+    Lost(Session),
+    /// Asked to stop: close what is open, then end.
+    Stopping(Option<Session>),
+}
+
+/// How serving an open connection ended.
+enum Ended {
+    Lost,
+    Stop,
+}
+
+/// What a session's task produced.
+enum Done {
+    /// A resync finished (`ok`) or failed; listed domains still to be read.
+    Resync {
+        fetches: Vec<FetchRequest>,
+        ok: bool,
+    },
+    Fetch,
+}
+
+/// One open connection and every task working on it.
+struct Session {
+    watched: Arc<Watched>,
+    feeds: Feeds,
+    tasks: JoinSet<Done>,
+    /// The running resync task, if any (one at a time).
+    resync: Option<tokio::task::Id>,
+    /// Another resync is due once the running one ends (events were dropped meanwhile).
+    resync_again: bool,
+}
+
+impl Session {
+    fn new(watched: Arc<Watched>, feeds: Feeds) -> Self {
+        Self {
+            watched,
+            feeds,
+            tasks: JoinSet::new(),
+            resync: None,
+            resync_again: false,
+        }
+    }
+
+    fn start_resync(&mut self, ctx: &Arc<ConnCtx>) {
+        let task = resync(Arc::clone(ctx), Arc::clone(&self.watched));
+        self.resync = Some(self.tasks.spawn(task).id());
+    }
+
+    /// Resync now, or right after the running resync (which may have listed before the change).
+    fn want_resync(&mut self, ctx: &Arc<ConnCtx>) {
+        if self.resync.is_none() {
+            self.start_resync(ctx);
+        } else {
+            self.resync_again = true;
+        }
+    }
+
+    fn spawn_fetch(&mut self, ctx: &Arc<ConnCtx>, req: FetchRequest, handle: Option<DomainHandle>) {
+        let (ctx, watched) = (Arc::clone(ctx), Arc::clone(&self.watched));
+        self.tasks.spawn(async move {
+            fetch_and_apply(&ctx, &watched, req, handle).await;
+            Done::Fetch
+        });
+    }
+
+    fn handle_event(
+        &mut self,
+        ctx: &Arc<ConnCtx>,
+        domain: DomainRef,
+        event: Lifecycle,
+        handle: Option<DomainHandle>,
+    ) {
+        let shared = &ctx.shared;
+        shared.telemetry.count_event(event);
+        let (req, changed) = {
+            let mut inv = shared.lock_inventory();
+            let before = inv.version();
+            let req = inv.apply_event(ctx.spec.id, domain, event);
+            (req, inv.version() != before)
+        };
+        if changed {
+            shared.push.push();
+        }
+        if let Some(req) = req {
+            self.spawn_fetch(ctx, req, handle);
+        }
+    }
+}
+
+/// Run one connection until asked to stop. `first_sync` fires after the first resync
+/// (successful or not) or the first failed attempt to connect, for readiness.
 pub async fn supervise(
     shared: Arc<Shared>,
     spec: ConnSpec,
-    mut stop: watch::Receiver<bool>,
-    mut first_sync: Option<oneshot::Sender<bool>>,
+    stop: StopSignal,
+    first_sync: Option<oneshot::Sender<bool>>,
 ) {
-    let cfg = &shared.cfg.libvirt;
-    let initial = cfg.reconnect.initial_backoff;
-    let max = cfg.reconnect.max_backoff;
-    let mut delays = reconnect_delays(initial, max);
-    let mut pending_open: Option<PendingOpen> = None;
-    let mut ever_up = false;
-    let mut outage_logged = false;
-    // `keepalive_interval: 0s` disables keepalive.
-    let keepalive = (!cfg.keepalive_interval.is_zero())
-        .then_some((cfg.keepalive_interval, cfg.keepalive_count));
+    let mut conn = Connection::new(shared, spec, stop, first_sync);
+    let mut state = State::Connecting { failures: 0 };
+    while let Some(next) = conn.step(state).await {
+        state = next;
+    }
+    conn.synced(false);
+}
 
-    'outer: loop {
-        if *stop.borrow() {
-            break;
-        }
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let watched = match open_any(&spec, keepalive, cfg.fetch_timeout, tx, &mut pending_open)
-            .await
-        {
-            Ok((w, uri)) => {
-                if uri != spec.uri {
-                    tracing::debug!(uri = %uri, "connected through the fallback URI");
-                }
-                Arc::new(w)
+/// Connect once, run one resync and the reads it leaves, close: everything by `by` (the
+/// `inventory` command). Past `by` the calls still running are abandoned as
+/// [`CallError::Stopped`].
+pub async fn sync_once(shared: Arc<Shared>, spec: ConnSpec, by: Instant) -> Result<(), CallError> {
+    let (stop_tx, stop) = watch::channel(None);
+    let conn = Connection::new(shared, spec, stop, None);
+    let work = async {
+        let (watched, feeds) = conn.open().await?;
+        let mut session = Session::new(watched, feeds);
+        let synced = resync_once(&conn.ctx, &session.watched).await;
+        if let Ok(fetches) = &synced {
+            for req in fetches.iter().cloned() {
+                session.spawn_fetch(&conn.ctx, req, None);
             }
-            Err(why) => {
-                if outage_logged {
-                    tracing::debug!(connection = %spec.label, error = %why, "libvirt still unavailable");
-                } else {
-                    tracing::warn!(connection = %spec.label, error = %why, "libvirt connection unavailable; retrying with backoff");
-                    outage_logged = true;
-                }
-                shared.telemetry.set_up(spec.id, false, None);
-                if let Some(tx) = first_sync.take() {
-                    let _ = tx.send(false);
-                }
-                let sleep = delays.next().unwrap_or(max);
+            while session.tasks.join_next().await.is_some() {}
+        }
+        conn.close(session, by).await;
+        synced.map(|_| ())
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => r,
+        _ = tokio::time::sleep_until(by.into()) => {
+            let _ = stop_tx.send(Some(by));
+            work.await
+        }
+    }
+}
+
+/// The state a connection's life carries from one step to the next.
+struct Connection {
+    ctx: Arc<ConnCtx>,
+    stop: StopSignal,
+    first_sync: Option<oneshot::Sender<bool>>,
+    delays: ExponentialBackoff,
+    /// How many times the connection was established.
+    sessions: u64,
+}
+
+impl Connection {
+    fn new(
+        shared: Arc<Shared>,
+        spec: ConnSpec,
+        stop: StopSignal,
+        first_sync: Option<oneshot::Sender<bool>>,
+    ) -> Self {
+        let lv = &shared.cfg.libvirt;
+        let calls = Calls::new(lv.fetch_concurrency, lv.fetch_timeout, stop.clone());
+        let delays = reconnect_delays(&shared);
+        Self {
+            ctx: Arc::new(ConnCtx {
+                shared,
+                spec,
+                calls,
+            }),
+            stop,
+            first_sync,
+            delays,
+            sessions: 0,
+        }
+    }
+
+    /// Report the first sync's outcome for readiness (once): `ok` false when the connection
+    /// could not be opened or its resync failed.
+    fn synced(&mut self, ok: bool) {
+        if let Some(tx) = self.first_sync.take() {
+            let _ = tx.send(ok);
+        }
+    }
+
+    /// The stop deadline, once asked to stop.
+    fn stopping(&self) -> Option<Instant> {
+        *self.stop.borrow()
+    }
+
+    /// Advance the connection's life by one state; `None` once it ended.
+    async fn step(&mut self, state: State) -> Option<State> {
+        match state {
+            State::Connecting { .. } | State::Backoff { .. } if self.stopping().is_some() => None,
+            State::Connecting { failures } => Some(self.connect(failures).await),
+            State::Backoff { failures, delay } => {
+                let mut stop = self.stop.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(sleep) => continue 'outer,
-                    _ = stop.changed() => break 'outer,
+                    _ = tokio::time::sleep(delay) => Some(State::Connecting { failures }),
+                    _ = stop.wait_for(Option::is_some) => None,
                 }
+            }
+            State::Up(mut session) => Some(match self.serve(&mut session).await {
+                Ended::Lost => State::Lost(session),
+                Ended::Stop => State::Stopping(Some(session)),
+            }),
+            State::Lost(session) => {
+                let ctx = Arc::clone(&self.ctx);
+                ctx.shared.telemetry.set_up(ctx.spec.id, false, None);
+                self.close(session, Instant::now() + self.ctx.calls.timeout())
+                    .await;
+                self.delays = reconnect_delays(&self.ctx.shared);
+                let delay = self.delays.next().unwrap_or(Duration::ZERO);
+                Some(State::Backoff { failures: 0, delay })
+            }
+            State::Stopping(session) => {
+                if let Some(session) = session {
+                    let by = self.stopping().unwrap_or_else(Instant::now);
+                    self.close(session, by).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// Open the connection (its URI, else its fallback), read what the first sync needs and
+    /// start it.
+    async fn connect(&mut self, failures: u32) -> State {
+        let (watched, feeds) = match self.open().await {
+            Ok(opened) => opened,
+            Err(CallError::Stopped { .. }) => return State::Stopping(None),
+            Err(e) => {
+                let spec = &self.ctx.spec;
+                if failures == 0 {
+                    tracing::warn!(connection = %spec.label, error = %e, "libvirt connection unavailable; retrying with backoff");
+                } else {
+                    tracing::debug!(connection = %spec.label, error = %e, "libvirt still unavailable");
+                }
+                self.ctx.shared.telemetry.set_up(spec.id, false, None);
+                self.synced(false);
+                let delay = self
+                    .delays
+                    .next()
+                    .unwrap_or(self.ctx.shared.cfg.libvirt.reconnect.max_backoff);
+                return State::Backoff {
+                    failures: failures + 1,
+                    delay,
+                };
             }
         };
-        if ever_up {
-            shared.telemetry.count_reconnect(spec.id);
+        let ctx = Arc::clone(&self.ctx);
+        let spec = &ctx.spec;
+        if self.sessions > 0 {
+            ctx.shared.telemetry.count_reconnect(spec.id);
             tracing::info!(connection = %spec.label, "libvirt connection re-established; resyncing");
         } else {
             tracing::info!(connection = %spec.label, "libvirt connection established");
         }
-        ever_up = true;
-        outage_logged = false;
-        delays = reconnect_delays(initial, max);
+        self.sessions += 1;
+        self.delays = reconnect_delays(&ctx.shared);
         // Only for the optional `hypervisor_version` attribute: the first virConnectGetVersion on
         // a fresh (session) daemon takes about 2 s while it probes the host, and the initial
         // resync waits for it, which delayed every new pod's VMIs (and every reconnect) by that.
-        let hv = if shared.cfg.metric.attributes.hypervisor_version {
+        let hv = if ctx.shared.cfg.metric.attributes.hypervisor_version {
             let w = Arc::clone(&watched);
-            tokio::task::spawn_blocking(move || libvirt::hypervisor_version(&w))
-                .await
-                .ok()
-                .flatten()
+            let version = ctx.calls.run("reading the hypervisor version", move || {
+                libvirt::hypervisor_version(&w)
+            });
+            version.await.unwrap_or_else(|e| {
+                tracing::debug!(connection = %spec.label, error = %e, "no hypervisor version");
+                None
+            })
         } else {
             None
         };
-        shared.telemetry.set_up(spec.id, true, hv);
+        ctx.shared.telemetry.set_up(spec.id, true, hv);
+        let mut session = Session::new(watched, feeds);
+        session.start_resync(&ctx);
+        State::Up(session)
+    }
 
-        let ctx = Arc::new(ConnCtx {
-            shared: Arc::clone(&shared),
-            spec: spec.clone(),
-            watched,
-            permits: Arc::new(Semaphore::new(shared.cfg.libvirt.fetch_concurrency.max(1))),
-        });
-        let mut resync_task: Option<tokio::task::JoinHandle<()>> =
-            Some(tokio::spawn(resync(Arc::clone(&ctx))));
-        let resync_every = shared.cfg.libvirt.resync_interval;
-        let mut ticker = tokio::time::interval(if resync_every.is_zero() {
+    /// Open the spec's URI, else its fallback. A timeout skips the fallback: the daemon is not
+    /// answering at all. An open that timed out keeps its thread and permit until the daemon
+    /// answers (then the late connection is closed on that thread).
+    async fn open(&self) -> Result<(Arc<Watched>, Feeds), CallError> {
+        let spec = &self.ctx.spec;
+        let cfg = &self.ctx.shared.cfg.libvirt;
+        // `keepalive_interval: 0s` disables keepalive.
+        let keepalive = (!cfg.keepalive_interval.is_zero())
+            .then_some((cfg.keepalive_interval, cfg.keepalive_count));
+        let mut first_error = None;
+        for uri in std::iter::once(&spec.uri).chain(spec.fallback_uri.iter()) {
+            let u = uri.clone();
+            let opened = self
+                .ctx
+                .calls
+                .open(move || libvirt::open(&u, keepalive))
+                .await;
+            match opened {
+                Ok((w, feeds)) => {
+                    if *uri != spec.uri {
+                        tracing::debug!(uri = %uri, "connected through the fallback URI");
+                    }
+                    return Ok((Arc::new(w), feeds));
+                }
+                Err(e @ (CallError::Timeout { .. } | CallError::Stopped { .. })) => {
+                    return Err(first_error.unwrap_or(e))
+                }
+                Err(e) if first_error.is_none() => first_error = Some(e),
+                Err(e) => tracing::debug!(uri = %uri, error = %e, "the fallback URI failed too"),
+            }
+        }
+        Err(first_error.unwrap_or(CallError::Stopped {
+            what: "opening the connection",
+        }))
+    }
+
+    /// Apply events and run resyncs until the connection is lost or asked to stop.
+    async fn serve(&mut self, session: &mut Session) -> Ended {
+        let ctx = Arc::clone(&self.ctx);
+        let every = ctx.shared.cfg.libvirt.resync_interval;
+        let mut ticker = tokio::time::interval(if every.is_zero() {
             Duration::from_secs(3600)
         } else {
-            resync_every
+            every
         });
         ticker.tick().await; // the first tick is immediate: the initial resync is already running
-
-        let lost = loop {
+        let mut stop = self.stop.clone();
+        loop {
             tokio::select! {
-                _ = stop.changed() => break false,
-                ev = rx.recv() => match ev {
-                    Some(SourceEvent::Lifecycle { domain, event, detail, handle }) => {
-                        tracing::debug!(connection = %spec.label, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
-                        handle_event(&ctx, domain, event, handle);
+                biased;
+                _ = stop.wait_for(Option::is_some) => return Ended::Stop,
+                ev = session.feeds.events.recv() => match ev {
+                    Some(SourceEvent { domain, event, detail, handle }) => {
+                        tracing::debug!(connection = %ctx.spec.label, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
+                        session.handle_event(&ctx, domain, event, handle);
                     }
-                    Some(SourceEvent::Closed { reason }) => {
-                        tracing::warn!(connection = %spec.label, %reason, "libvirt connection lost; its domains stay exported until it is back");
-                        break true;
-                    }
-                    None => break true,
+                    None => return Ended::Lost,
                 },
-                _ = ticker.tick(), if !resync_every.is_zero() => {
-                    if resync_task.as_ref().is_none_or(|t| t.is_finished()) {
-                        resync_task = Some(tokio::spawn(resync(Arc::clone(&ctx))));
-                    }
+                reason = async { session.feeds.closed.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
+                    let reason = reason.map_or_else(|| "callbacks released".to_string(), |r| r.to_string());
+                    tracing::warn!(connection = %ctx.spec.label, %reason, "libvirt connection lost; its domains stay exported until it is back");
+                    return Ended::Lost;
                 }
-                _ = async { match resync_task.as_mut() { Some(t) => { let _ = t.await; } None => std::future::pending().await } } => {
-                    resync_task = None;
-                    if let Some(tx) = first_sync.take() {
-                        let _ = tx.send(true);
+                _ = session.feeds.overflow.notified() => {
+                    tracing::warn!(connection = %ctx.spec.label, backlog = crate::source::EVENT_BACKLOG, "lifecycle events dropped (backlog full); resyncing");
+                    session.want_resync(&ctx);
+                }
+                Some(done) = session.tasks.join_next_with_id(), if !session.tasks.is_empty() => {
+                    self.reaped(session, done);
+                }
+                _ = ticker.tick(), if !every.is_zero() => {
+                    if session.resync.is_none() {
+                        session.start_resync(&ctx);
                     }
                 }
             }
-        };
-        shared.telemetry.set_up(spec.id, false, None);
-        if let Some(t) = resync_task.take() {
-            t.abort();
-        }
-        // Queued events hold domain handles, which keep the connection object alive: release
-        // them now (a local unref), so that dropping the context below really closes it.
-        rx.close();
-        while rx.try_recv().is_ok() {}
-        // Deregistration and close are RPCs: keep them off the async workers.
-        // Awaited, so that when this task ends its connection is closed (a removed launcher
-        // socket leaves no descriptor behind); bounded, so a hung daemon cannot hold us.
-        let ctx_done = ctx;
-        let closing = tokio::task::spawn_blocking(move || drop(ctx_done));
-        if tokio::time::timeout(Duration::from_secs(2), closing)
-            .await
-            .is_err()
-        {
-            tracing::debug!(connection = %spec.label, "closing the connection is taking long; left to finish in the background");
-        }
-        if !lost {
-            break;
-        }
-        let sleep = delays.next().unwrap_or(initial);
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = stop.changed() => break,
         }
     }
-    if let Some(tx) = first_sync.take() {
-        let _ = tx.send(false);
+
+    /// A session task ended.
+    fn reaped(&mut self, session: &mut Session, done: Result<(tokio::task::Id, Done), JoinError>) {
+        match done {
+            Ok((_, Done::Resync { fetches, ok })) => {
+                self.resync_ended(session, ok);
+                for req in fetches {
+                    session.spawn_fetch(&self.ctx, req, None);
+                }
+            }
+            Ok((_, Done::Fetch)) => {}
+            Err(e) => {
+                if session.resync == Some(e.id()) {
+                    self.resync_ended(session, false);
+                }
+                if e.is_panic() {
+                    tracing::error!(connection = %self.ctx.spec.label, "a connection task panicked");
+                }
+            }
+        }
+    }
+
+    fn resync_ended(&mut self, session: &mut Session, ok: bool) {
+        session.resync = None;
+        self.synced(ok);
+        if std::mem::take(&mut session.resync_again) {
+            session.start_resync(&self.ctx);
+        }
+    }
+
+    /// End every task of the session, then release the connection off the async worker, all by
+    /// `by`. Past it, the release is left to finish on its blocking thread.
+    async fn close(&self, session: Session, by: Instant) {
+        let Session {
+            watched,
+            mut feeds,
+            mut tasks,
+            ..
+        } = session;
+        let by = tokio::time::Instant::from_std(by);
+        // Aborted tasks drop their futures (and the resync its token) at once; the libvirt calls
+        // they started hold only the connection and their permit, on their blocking threads.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        // Queued events hold domain handles: release them (a local unref) while the connection
+        // is still referenced here, so the last reference is the one dropped below.
+        feeds.events.close();
+        while feeds.events.try_recv().is_ok() {}
+        let closing = tokio::task::spawn_blocking(move || drop(watched));
+        if tokio::time::timeout_at(by, closing).await.is_err() {
+            tracing::debug!(connection = %self.ctx.spec.label, "closing the connection is taking long; left to finish on its blocking thread");
+        }
     }
 }
 
-/// Collapse timeout → join → libvirt results into one error string.
-fn flatten<T, E: std::fmt::Display>(
-    r: Result<Result<Result<T, E>, tokio::task::JoinError>, tokio::time::error::Elapsed>,
-    what: &str,
-) -> Result<T, String> {
-    match r {
-        Ok(Ok(Ok(v))) => Ok(v),
-        Ok(Ok(Err(e))) => Err(e.to_string()),
-        Ok(Err(e)) => Err(format!("{what} task failed: {e}")),
-        Err(_) => Err(format!("{what} timed out")),
-    }
-}
-
-/// Reconnect delays: exponential (×2) from `initial` to `max`, with random jitter so a fleet
-/// does not reconnect in lockstep, never giving up.
-fn reconnect_delays(initial: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+/// Reconnect delays: exponential (×2) from the configured initial to the maximum backoff, with
+/// random jitter so a fleet does not reconnect in lockstep, never giving up.
+fn reconnect_delays(shared: &Shared) -> ExponentialBackoff {
+    let rc = &shared.cfg.libvirt.reconnect;
     ExponentialBuilder::new()
-        .with_min_delay(initial)
-        .with_max_delay(max)
+        .with_min_delay(rc.initial_backoff)
+        .with_max_delay(rc.max_backoff)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .build()
 }
 
-fn handle_event(
-    ctx: &Arc<ConnCtx>,
-    domain: DomainRef,
-    event: Lifecycle,
+/// Read a domain's XML through the connection's calls, through `handle` (from the event or the
+/// listing) when there is one.
+async fn fetch(
+    ctx: &ConnCtx,
+    watched: &Arc<Watched>,
+    dom: DomainRef,
     handle: Option<DomainHandle>,
-) {
+) -> FetchOutcome {
     let shared = &ctx.shared;
-    shared.telemetry.count_event(event);
-    let (req, changed) = {
-        let mut inv = shared.lock_inventory();
-        let before = inv.version();
-        let req = inv.apply_event(ctx.spec.id, domain, event);
-        (req, inv.version() != before)
-    };
-    if changed {
-        shared.push.push();
-    }
-    if let Some(req) = req {
-        tokio::spawn(fetch_and_apply(Arc::clone(ctx), req, handle));
-    }
-}
-
-/// Read a domain's XML with the connection's concurrency bound and the fetch timeout, through
-/// `handle` (from the event or the listing) when there is one.
-async fn fetch(ctx: &Arc<ConnCtx>, dom: DomainRef, handle: Option<DomainHandle>) -> FetchOutcome {
-    let shared = &ctx.shared;
-    let Ok(permit) = Arc::clone(&ctx.permits).acquire_owned().await else {
-        return FetchOutcome::Failed;
-    };
-    let w = Arc::clone(&ctx.watched);
-    let wants = shared.wants;
-    let d = dom.clone();
-    // The permit lives as long as the blocking call, so a hung daemon uses at most
-    // `fetch_concurrency` threads, and only its own.
-    let task = tokio::task::spawn_blocking(move || {
-        let r = libvirt::fetch_domain(&w, &d, handle, wants);
-        drop(permit);
-        r
+    let label = &ctx.spec.label;
+    let (w, d, wants) = (Arc::clone(watched), dom.clone(), shared.wants);
+    let fetched = ctx.calls.run("reading the domain's XML", move || {
+        libvirt::fetch_domain(&w, &d, handle, wants)
     });
-    match tokio::time::timeout(shared.cfg.libvirt.fetch_timeout, task).await {
-        Err(_) => {
-            shared.telemetry.count_xml_error("timeout");
-            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, "domain XML fetch timed out; exporting hypervisor_type=unknown until the next resync");
-            FetchOutcome::Failed
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "fetch task failed");
-            FetchOutcome::Failed
-        }
-        Ok(Ok(Fetched::Facts(f))) => {
+    match fetched.await {
+        Ok(Fetched::Facts(f)) => {
             if ctx.spec.pod_uid.is_some() && f.kubevirt.is_none() {
-                tracing::debug!(connection = %ctx.spec.label, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
+                tracing::debug!(connection = %label, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
             }
             FetchOutcome::Facts(f)
         }
-        Ok(Ok(Fetched::Gone)) => {
-            tracing::debug!(connection = %ctx.spec.label, domain = %dom.name, "domain gone before its XML was read");
+        Ok(Fetched::Gone) => {
+            tracing::debug!(connection = %label, domain = %dom.name, "domain gone before its XML was read");
             FetchOutcome::Gone
         }
-        Ok(Ok(Fetched::LibvirtError(msg))) => {
-            shared.telemetry.count_xml_error("fetch");
-            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, error = %msg, "reading domain XML failed; exporting hypervisor_type=unknown");
+        Ok(Fetched::Unparsable(e)) => {
+            shared.telemetry.count_xml_error("parse");
+            tracing::warn!(connection = %label, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
-        Ok(Ok(Fetched::ParseError(e))) => {
-            shared.telemetry.count_xml_error("parse");
-            tracing::warn!(connection = %ctx.spec.label, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
+        Err(CallError::Stopped { .. }) => FetchOutcome::Failed,
+        Err(e @ CallError::Timeout { .. }) => {
+            shared.telemetry.count_xml_error("timeout");
+            tracing::warn!(connection = %label, domain = %dom.name, error = %e, "exporting hypervisor_type=unknown until the next resync");
+            FetchOutcome::Failed
+        }
+        Err(e) => {
+            shared.telemetry.count_xml_error("fetch");
+            tracing::warn!(connection = %label, domain = %dom.name, error = %e, "exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
     }
 }
 
-async fn fetch_and_apply(ctx: Arc<ConnCtx>, req: FetchRequest, handle: Option<DomainHandle>) {
-    let outcome = fetch(&ctx, req.domain.clone(), handle).await;
+async fn fetch_and_apply(
+    ctx: &ConnCtx,
+    watched: &Arc<Watched>,
+    req: FetchRequest,
+    handle: Option<DomainHandle>,
+) {
+    let outcome = fetch(ctx, watched, req.domain.clone(), handle).await;
     let changed = ctx.shared.lock_inventory().apply_fetch(&req, outcome);
     if changed {
         ctx.shared.push.push();
     }
 }
 
-/// List active domains, read only the ones not already known, apply it all at once.
-async fn resync(ctx: Arc<ConnCtx>) {
+/// A resync begun in the inventory, ended exactly once whatever happens to its task: finished
+/// with a listing, or aborted when dropped (a failed listing, or the task cancelled because its
+/// connection was lost). A token that outlived its task would keep the connection "resyncing"
+/// for good, and every later STOPPED would add a tombstone that is never cleared.
+struct ResyncGuard {
+    shared: Arc<Shared>,
+    token: Option<ResyncToken>,
+}
+
+impl ResyncGuard {
+    fn begin(shared: &Arc<Shared>, conn: ConnId) -> Self {
+        let token = shared.lock_inventory().begin_resync(conn);
+        Self {
+            shared: Arc::clone(shared),
+            token: Some(token),
+        }
+    }
+
+    fn finish(mut self, listing: Vec<(DomainRef, Option<FetchOutcome>)>) -> ResyncReport {
+        match self.token.take() {
+            Some(token) => self.shared.lock_inventory().finish_resync(token, listing),
+            None => ResyncReport::default(),
+        }
+    }
+}
+
+impl Drop for ResyncGuard {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.shared.lock_inventory().abort_resync(token);
+        }
+    }
+}
+
+/// A session's resync task.
+async fn resync(ctx: Arc<ConnCtx>, watched: Arc<Watched>) -> Done {
+    match resync_once(&ctx, &watched).await {
+        Ok(fetches) => Done::Resync { fetches, ok: true },
+        Err(e) => {
+            tracing::warn!(connection = %ctx.spec.label, error = %e, "resync failed");
+            Done::Resync {
+                fetches: Vec::new(),
+                ok: false,
+            }
+        }
+    }
+}
+
+/// List active domains, read only the ones not already known (concurrently, within this task,
+/// bounded by the connection's permits), apply it all at once. Returns the listed domains that
+/// still need their XML read.
+async fn resync_once(
+    ctx: &ConnCtx,
+    watched: &Arc<Watched>,
+) -> Result<Vec<FetchRequest>, CallError> {
     let shared = &ctx.shared;
     let id = ctx.spec.id;
     let started = Instant::now();
-    let token = shared.lock_inventory().begin_resync(id);
-    let w = Arc::clone(&ctx.watched);
-    let listing = tokio::time::timeout(
-        shared.cfg.libvirt.fetch_timeout,
-        tokio::task::spawn_blocking(move || libvirt::list_active(&w)),
-    )
-    .await;
+    let guard = ResyncGuard::begin(shared, id);
+    let w = Arc::clone(watched);
     let libvirt::Listing {
         domains: listing,
         mut handles,
-    } = match flatten(listing, "listing") {
-        Ok(l) => l,
-        Err(why) => {
-            shared.lock_inventory().abort_resync(token);
-            tracing::warn!(connection = %ctx.spec.label, error = %why, "resync failed");
-            return;
-        }
-    };
+    } = ctx
+        .calls
+        .run("listing active domains", move || libvirt::list_active(&w))
+        .await?;
     let need = shared.lock_inventory().needs_fetch(id, &listing);
     let fetched_count = need.len();
-    let mut set = JoinSet::new();
-    for dom in need {
-        let c = Arc::clone(&ctx);
-        let handle = handles.remove(&dom.uuid);
-        set.spawn(async move {
-            let outcome = fetch(&c, dom.clone(), handle).await;
-            (dom.uuid, outcome)
-        });
-    }
+    let mut fetches: FuturesUnordered<_> = need
+        .into_iter()
+        .map(|dom| {
+            let handle = handles.remove(&dom.uuid);
+            async move {
+                let uuid = dom.uuid.clone();
+                (uuid, fetch(ctx, watched, dom, handle).await)
+            }
+        })
+        .collect();
     // Handles of domains already known are not needed (and a late re-read looks up again).
     drop(handles);
     let mut outcomes: HashMap<String, FetchOutcome> = HashMap::new();
-    while let Some(r) = set.join_next().await {
-        if let Ok((uuid, o)) = r {
-            outcomes.insert(uuid, o);
-        }
+    while let Some((uuid, o)) = fetches.next().await {
+        outcomes.insert(uuid, o);
     }
     let listed = listing.len();
     let items = listing
@@ -393,16 +628,13 @@ async fn resync(ctx: Arc<ConnCtx>) {
             (d, o)
         })
         .collect();
-    let report = shared.lock_inventory().finish_resync(token, items);
-    for req in report.fetches.iter().cloned() {
-        tokio::spawn(fetch_and_apply(Arc::clone(&ctx), req, None));
-    }
+    let report = guard.finish(items);
     let elapsed = started.elapsed();
     shared.telemetry.set_last_sync(id, elapsed);
-    if report.added + report.removed + report.replaced > 0 {
+    let changed = report.added + report.removed + report.replaced > 0;
+    if changed {
         shared.push.push();
     }
-    let level_info = report.added + report.removed + report.replaced > 0;
     macro_rules! log_resync {
         ($lvl:ident) => {
             tracing::$lvl!(
@@ -412,14 +644,15 @@ async fn resync(ctx: Arc<ConnCtx>) {
                 added = report.added,
                 removed = report.removed,
                 replaced = report.replaced,
-                elapsed_ms = elapsed.as_millis() as u64,
+                elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 "resync done"
             )
         };
     }
-    if level_info {
+    if changed {
         log_resync!(info);
     } else {
         log_resync!(debug);
     }
+    Ok(report.fetches)
 }

@@ -1,21 +1,31 @@
-//! Wiring: the event loop, one task per connection, the exporter and its push-on-change task,
-//! readiness and watchdog notifications, and an orderly shutdown.
+//! Wiring: the event loop, the registry of connections (explicit URIs, and launcher sockets as
+//! discovery reports them), the exporter and its push-on-change task, readiness and watchdog
+//! notifications, and an orderly shutdown within one deadline.
 
+pub mod call;
 pub mod connection;
+pub mod registry;
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ExporterKind};
+use crate::discovery::{self, paths, Change};
 use crate::domain::Wants;
 use crate::export::{ExportError, Exporter, PushTrigger, Telemetry};
-use crate::inventory::{ConnId, FetchOutcome, Inventory, Snapshot};
-use crate::source::event_loop::{self, EventLoopError};
-use crate::source::libvirt::{self, Fetched};
+use crate::inventory::{ConnId, Inventory, Snapshot};
+use crate::source::event_loop::{self, EventLoop, EventLoopError};
+use call::CallError;
 use connection::ConnSpec;
+use registry::{NewConnection, Registry};
+
+/// Launcher-socket changes discovery may queue before it waits for the agent.
+const DISCOVERY_BACKLOG: usize = 64;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +82,39 @@ pub async fn run(
     Agent::new(cfg)?.run(shutdown).await
 }
 
+/// One shutdown deadline, split once: the connections (and discovery) close by 40 % of it, the
+/// event loop stops by 50 %, and the last export and the meter provider's shutdown get the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ShutdownPlan {
+    connections: Instant,
+    event_loop: Instant,
+    end: Instant,
+}
+
+impl ShutdownPlan {
+    fn new(start: Instant, total: Duration) -> Self {
+        Self {
+            connections: start + total * 2 / 5,
+            event_loop: start + total / 2,
+            end: start + total,
+        }
+    }
+}
+
 /// A configured agent, before and while it runs.
 #[derive(Debug)]
 pub struct Agent {
     shared: Arc<Shared>,
     exporter: Exporter,
+    events: EventLoop,
 }
 
 impl Agent {
     /// Start the libvirt event loop and build the export pipeline. Must be called inside a
     /// multi-thread tokio runtime. Opens no libvirt connection yet.
     pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
-        event_loop::ensure_running()?;
+        // Acquired first (before any connection opens) and released on every error path.
+        let events = event_loop::acquire()?;
         let cfg = Arc::new(cfg);
         let node = resolve_node_name(&cfg);
         let inventory = Arc::new(Mutex::new(Inventory::new()));
@@ -98,7 +129,11 @@ impl Agent {
             push: exporter.trigger(),
             wants: wants(&cfg),
         });
-        Ok(Self { shared, exporter })
+        Ok(Self {
+            shared,
+            exporter,
+            events,
+        })
     }
 
     /// The live inventory (for tests and embedding).
@@ -116,47 +151,35 @@ impl Agent {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
-        let Agent { shared, exporter } = self;
+        let Agent {
+            shared,
+            exporter,
+            events,
+        } = self;
         let cfg = Arc::clone(&shared.cfg);
-        let node = shared.node.clone();
         let export_task = exporter.spawn_export_task(cfg.export.debounce);
-        tracing::info!(node = %node, uris = ?cfg.libvirt.uris, exporter = ?cfg.export.exporter, "agent starting");
+        tracing::info!(node = %shared.node, uris = ?cfg.libvirt.uris, exporter = ?cfg.export.exporter, "agent starting");
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let mut registry = Registry::new(Arc::clone(&shared));
+        let mut helpers = JoinSet::new();
         let mut first_syncs = Vec::new();
-        for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
-            let id = i as ConnId + 1;
-            shared.telemetry.add_connection(id, uri, None);
+        for uri in &cfg.libvirt.uris {
             let (tx, rx) = oneshot::channel();
             first_syncs.push(rx);
-            let spec = ConnSpec {
-                id,
-                label: uri.clone(),
-                uri: uri.clone(),
-                fallback_uri: None,
-                pod_uid: None,
-            };
-            tasks.spawn(connection::supervise(
-                Arc::clone(&shared),
-                spec,
-                stop_rx.clone(),
-                Some(tx),
-            ));
+            registry.add(NewConnection::uri(uri), Some(tx));
         }
-
+        let (changes_tx, mut changes) = mpsc::channel(DISCOVERY_BACKLOG);
         if cfg.libvirt.discover.enabled {
-            let first_id = cfg.libvirt.uris.len() as ConnId + 1;
-            tasks.spawn(crate::discovery::run(
-                Arc::clone(&shared),
-                stop_rx.clone(),
-                first_id,
-            ));
+            let discover = cfg.libvirt.discover.clone();
+            helpers.spawn(discovery::run(discover, changes_tx, stop_rx.clone()));
+        } else {
+            drop(changes_tx);
         }
 
         // Node KVM capability: checked now and at every resync interval, off the event path.
         let kvm_push = shared.push.clone();
-        tasks.spawn(crate::node::watch_kvm(
+        helpers.spawn(crate::node::watch_kvm(
             Arc::clone(&shared.telemetry),
             move || kvm_push.push(),
             cfg.libvirt.resync_interval,
@@ -168,7 +191,7 @@ impl Agent {
         // stop before the first sync ends the wait without announcing anything.
         let ready_push = shared.push.clone();
         let ready_stop = stop_rx.clone();
-        tasks.spawn(async move {
+        helpers.spawn(async move {
             let total = first_syncs.len();
             let mut synced = 0;
             for rx in first_syncs {
@@ -192,7 +215,7 @@ impl Agent {
         });
         if let Some(period) = watchdog_period() {
             let mut stop = stop_rx.clone();
-            tasks.spawn(async move {
+            helpers.spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tokio::select! {
@@ -208,25 +231,68 @@ impl Agent {
             });
         }
 
-        shutdown.await;
+        let mut launchers: HashMap<PathBuf, ConnId> = HashMap::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(change) = changes.recv() => match change {
+                    Change::Appeared(path) => {
+                        let id = registry.add(launcher(&path), None);
+                        launchers.insert(path, id);
+                    }
+                    Change::Vanished(path) => {
+                        if let Some(id) = launchers.remove(&path) {
+                            tracing::info!(socket = %path.display(), "launcher socket removed; dropping its connection and domains");
+                            registry.remove(id);
+                        }
+                    }
+                },
+                _ = registry.reap() => {}
+            }
+        }
+
         tracing::info!("shutting down");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        let deadline = cfg.export.shutdown_timeout;
+        let plan = ShutdownPlan::new(Instant::now(), cfg.export.shutdown_timeout);
         let _ = stop_tx.send(true);
-        let join_all = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(deadline / 2, join_all).await.is_err() {
-            tracing::warn!("connection tasks did not stop within {:?}", deadline / 2);
-        }
+        let helpers_done = async {
+            let all = async { while helpers.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout_at(plan.connections.into(), all).await;
+        };
+        tokio::join!(registry.shutdown(plan.connections), helpers_done);
+        helpers.abort_all();
         if let Some(t) = export_task {
             t.abort();
             let _ = t.await;
         }
-        let stopped =
-            tokio::task::spawn_blocking(move || event_loop::stop(Duration::from_millis(500)));
-        let _ = tokio::time::timeout(Duration::from_millis(600), stopped).await;
-        exporter.shutdown(deadline / 2).await;
+        let by = plan.event_loop;
+        let released = tokio::task::spawn_blocking(move || {
+            events.release(by.saturating_duration_since(Instant::now()))
+        });
+        let _ = tokio::time::timeout_at(by.into(), released).await;
+        exporter
+            .shutdown(plan.end.saturating_duration_since(Instant::now()))
+            .await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// A discovered launcher socket as a connection: labelled by its real path, opened through a
+/// short alias when the path is too long for a unix socket address.
+fn launcher(path: &Path) -> NewConnection {
+    let (label, _) = paths::socket_uris(path);
+    let (dir, connect) = discovery::connect_path(path);
+    let (uri, fallback) = paths::socket_uris(&connect);
+    let pod_uid = paths::pod_uid(path);
+    tracing::info!(socket = %path.display(), pod_uid = ?pod_uid, uri = %uri, "launcher socket found");
+    NewConnection {
+        label,
+        uri,
+        fallback_uri: Some(fallback),
+        pod_uid,
+        dir,
     }
 }
 
@@ -237,55 +303,110 @@ fn watchdog_period() -> Option<Duration> {
         .map(|d| d / 2)
 }
 
-/// One-shot: connect to every configured URI, list and classify, and return what would be
-/// exported now (the `inventory` command). Connection failures are reported per URI.
-pub async fn inventory_once(
-    cfg: &AgentConfig,
-) -> Result<(Arc<Snapshot>, Vec<(String, String)>), AgentError> {
-    event_loop::ensure_running()?;
-    let mut inv = Inventory::new();
+/// What the `inventory` command prints.
+#[derive(Debug)]
+pub struct InventoryOnce {
+    pub snapshot: Arc<Snapshot>,
+    /// The `connection` label of each connection, by id.
+    pub labels: BTreeMap<ConnId, String>,
+    /// URIs that could not be read, with why.
+    pub failures: Vec<(String, String)>,
+}
+
+/// One-shot: connect to every configured URI at once, run one resync on each (the same as the
+/// daemon's), and return what would be exported now (the `inventory` command). All of it is
+/// bounded by one deadline, three times `fetch_timeout` (open, list, read); failures are reported
+/// per URI.
+pub async fn inventory_once(cfg: &AgentConfig) -> Result<InventoryOnce, AgentError> {
+    let mut quiet = cfg.clone();
+    quiet.export.exporter = ExporterKind::None;
+    let agent = Agent::new(quiet)?;
+    let total = cfg.libvirt.fetch_timeout * 3;
+    let by = Instant::now() + total;
+    let mut syncs = JoinSet::new();
+    let mut labels = BTreeMap::new();
+    for (id, uri) in (1..).zip(cfg.libvirt.uris.iter().cloned()) {
+        labels.insert(id, uri.clone());
+        let spec = ConnSpec {
+            id,
+            label: uri.clone(),
+            uri: uri.clone(),
+            fallback_uri: None,
+            pod_uid: None,
+        };
+        let shared = Arc::clone(&agent.shared);
+        syncs.spawn(async move {
+            let r = connection::sync_once(shared, spec, by).await;
+            (uri, r)
+        });
+    }
     let mut failures = Vec::new();
-    let wants = wants(cfg);
-    for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
-        let id = i as ConnId + 1;
-        let u = uri.clone();
-        let timeout = cfg.libvirt.fetch_timeout;
-        let res = tokio::time::timeout(
-            timeout * 4,
-            tokio::task::spawn_blocking(move || {
-                let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-                let w = libvirt::open(&u, None, tx)?;
-                let mut listing = libvirt::list_active(&w)?;
-                let items: Vec<_> = listing
-                    .domains
-                    .into_iter()
-                    .map(|d| {
-                        let handle = listing.handles.remove(&d.uuid);
-                        let o = match libvirt::fetch_domain(&w, &d, handle, wants) {
-                            Fetched::Facts(f) => FetchOutcome::Facts(f),
-                            Fetched::Gone => FetchOutcome::Gone,
-                            Fetched::LibvirtError(_) | Fetched::ParseError(_) => {
-                                FetchOutcome::Failed
-                            }
-                        };
-                        (d, Some(o))
-                    })
-                    .collect();
-                drop(w);
-                Ok::<_, libvirt::LibvirtError>(items)
-            }),
-        )
-        .await;
-        match res {
-            Ok(Ok(Ok(items))) => {
-                let token = inv.begin_resync(id);
-                inv.finish_resync(token, items);
+    while let Some(done) = syncs.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => {}
+            Ok((uri, Err(CallError::Stopped { what }))) => {
+                failures.push((uri, format!("{what} did not finish within {total:?}")))
             }
-            Ok(Ok(Err(e))) => failures.push((uri.clone(), e.to_string())),
-            Ok(Err(e)) => failures.push((uri.clone(), e.to_string())),
-            Err(_) => failures.push((uri.clone(), "timed out".to_string())),
+            Ok((uri, Err(e))) => failures.push((uri, e.to_string())),
+            Err(e) => tracing::error!(error = %e, "inventory task failed"),
         }
     }
-    let _ = tokio::task::spawn_blocking(|| event_loop::stop(Duration::from_millis(500))).await;
-    Ok((inv.snapshot(), failures))
+    failures.sort();
+    let snapshot = agent.shared.lock_inventory().snapshot();
+    let Agent {
+        exporter, events, ..
+    } = agent;
+    exporter.shutdown(Duration::from_millis(100)).await;
+    let _ = tokio::task::spawn_blocking(move || events.release(Duration::from_millis(500))).await;
+    Ok(InventoryOnce {
+        snapshot,
+        labels,
+        failures,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_event_loop_is_released_when_export_setup_fails() {
+        // The only test of this binary that starts the event loop, so no other user holds it.
+        let mut cfg = AgentConfig::default();
+        cfg.libvirt.uris = Vec::new();
+        cfg.export.exporter = ExporterKind::None;
+        let agent = Agent::new(cfg.clone()).expect("an agent without export builds");
+        assert!(event_loop::is_running());
+        drop(agent);
+        assert!(
+            !event_loop::is_running(),
+            "dropping the agent releases the loop"
+        );
+
+        cfg.export.exporter = ExporterKind::Otlp;
+        cfg.export.endpoint = Some("https://127.0.0.1:4317".into());
+        cfg.export.tls.ca_file = Some("/nonexistent/vha-test-ca.pem".into());
+        let failed = Agent::new(cfg);
+        assert!(matches!(failed, Err(AgentError::Export(_))), "{failed:?}");
+        assert!(
+            !event_loop::is_running(),
+            "a failed Agent::new left a user of the event loop behind"
+        );
+    }
+
+    #[test]
+    fn the_shutdown_deadline_is_split_once_and_never_exceeded() {
+        let start = Instant::now();
+        for total in [
+            Duration::ZERO,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        ] {
+            let plan = ShutdownPlan::new(start, total);
+            assert!(start <= plan.connections);
+            assert!(plan.connections <= plan.event_loop);
+            assert!(plan.event_loop <= plan.end);
+            assert_eq!(plan.end, start + total);
+        }
+    }
 }

@@ -1,108 +1,80 @@
-//! KubeVirt mode: find every virt-launcher's libvirt socket and run one connection per socket.
+//! KubeVirt mode: find every virt-launcher's libvirt socket and report when one appears or
+//! vanishes. Discovery only produces [`Change`]s; the agent's registry owns the connections.
 //!
 //! Each virt-launcher pod runs its own libvirt daemon whose runtime dir is the pod's
 //! `libvirt-runtime` emptyDir, seen on the host under
 //! `<kubelet_root>/pods/<pod-uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/` as
 //! `virtqemud-sock` (current KubeVirt) or `libvirt-sock` (older). Discovery re-globs when the
 //! file system says something changed under `<kubelet_root>/pods` (inotify through `notify`,
-//! debounced) and every `rescan_interval` as a safety net. A new socket gets a connection task;
-//! a socket that disappears (pod deleted) has its task stopped, its connection closed and its
-//! domains removed at once. A daemon that restarts while its socket stays is the connection
-//! task's business (reconnect with backoff, domains kept meanwhile).
+//! debounced) and every `rescan_interval` as a safety net. A new socket is reported as
+//! [`Change::Appeared`], one that disappears (pod deleted) as [`Change::Vanished`]. A daemon that
+//! restarts while its socket stays is the connection's business (reconnect with backoff, domains
+//! kept meanwhile).
 
 pub mod paths;
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
-use crate::agent::connection::{self, ConnSpec};
-use crate::agent::Shared;
-use crate::inventory::ConnId;
+use crate::config::DiscoverConfig;
 
 /// Coalesce bursts of file-system events (a pod creates many files at once).
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-struct Discovered {
-    id: ConnId,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    /// The socket's directory, held open while the connection lives when the socket path is too
-    /// long for a unix socket address (see [`connect_path`]); closed when the pod goes away.
-    _dir: Option<std::fs::File>,
+/// A change in the set of launcher sockets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Appeared(PathBuf),
+    Vanished(PathBuf),
 }
 
-/// Run discovery until `stop` turns true. Connection ids start at `first_id`.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id: ConnId) {
-    let cfg = shared.cfg.libvirt.discover.clone();
+/// Run discovery until `stop` turns true or the receiver of `changes` is gone.
+pub async fn run(
+    cfg: DiscoverConfig,
+    changes: mpsc::Sender<Change>,
+    mut stop: watch::Receiver<bool>,
+) {
     let globs = paths::absolute_globs(&cfg);
-    let pods_dir = cfg.kubelet_root.join("pods");
+    let (levels, deep) = paths::watch_patterns(&globs);
     tracing::info!(globs = ?globs, "KubeVirt socket discovery started");
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher: Option<notify::RecommendedWatcher> = None;
-    let mut next_id = first_id;
-    let mut known: BTreeMap<PathBuf, Discovered> = BTreeMap::new();
+    let mut watches = Watches::new(fs_tx);
+    let mut known: BTreeSet<PathBuf> = BTreeSet::new();
 
     loop {
-        if watcher.is_none() {
-            watcher = watch_dir(&pods_dir, fs_tx.clone());
-        }
-        let g = globs.clone();
-        let found = tokio::task::spawn_blocking(move || paths::scan(&g))
-            .await
-            .unwrap_or_default();
-
-        // Sockets that went away: the pod was deleted.
-        let gone: Vec<PathBuf> = known
-            .keys()
-            .filter(|p| !found.contains(p))
-            .cloned()
-            .collect();
-        for path in gone {
-            if let Some(d) = known.remove(&path) {
-                tracing::info!(socket = %path.display(), "launcher socket removed; dropping its connection and domains");
-                remove(&shared, d).await;
+        let (g, l, d) = (globs.clone(), levels.clone(), deep.clone());
+        let scanned = tokio::task::spawn_blocking(move || {
+            let found: BTreeSet<PathBuf> = paths::scan(&g).into_iter().collect();
+            (found, paths::existing_dirs(&l), paths::existing_dirs(&d))
+        })
+        .await;
+        let Ok((found, dirs, deep_dirs)) = scanned else {
+            tracing::error!("discovery scan panicked");
+            break;
+        };
+        // A directory that got its watch only now may have gained entries since it was scanned:
+        // scan again at once (the levels are few, so this settles in a few rounds).
+        let added = watches.update(&dirs, &deep_dirs);
+        let gone: Vec<PathBuf> = known.difference(&found).cloned().collect();
+        let new: Vec<PathBuf> = found.difference(&known).cloned().collect();
+        known = found;
+        let report = gone
+            .into_iter()
+            .map(Change::Vanished)
+            .chain(new.into_iter().map(Change::Appeared));
+        for change in report {
+            if changes.send(change).await.is_err() {
+                return;
             }
         }
-        // New sockets.
-        for path in found {
-            if known.contains_key(&path) {
-                continue;
-            }
-            let id = next_id;
-            next_id += 1;
-            // The connection label stays the real path; the URIs opened may use a short alias.
-            let (label, _) = paths::socket_uris(&path);
-            let (dir, connect) = connect_path(&path);
-            let (uri, fallback) = paths::socket_uris(&connect);
-            let pod_uid = paths::pod_uid(&path);
-            tracing::info!(socket = %path.display(), pod_uid = ?pod_uid, uri = %uri, "launcher socket found");
-            shared.telemetry.add_connection(id, &label, pod_uid.clone());
-            let spec = ConnSpec {
-                id,
-                label: label.clone(),
-                uri,
-                fallback_uri: Some(fallback),
-                pod_uid,
-            };
-            let (tx, rx) = watch::channel(false);
-            let task = tokio::spawn(connection::supervise(Arc::clone(&shared), spec, rx, None));
-            known.insert(
-                path,
-                Discovered {
-                    id,
-                    stop: tx,
-                    task,
-                    _dir: dir,
-                },
-            );
-        }
 
+        if added {
+            continue;
+        }
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(cfg.rescan_interval) => {}
@@ -114,18 +86,13 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, first_id:
             }
         }
     }
-    for (_, d) in std::mem::take(&mut known) {
-        let _ = d.stop.send(true);
-        let _ = d.task.await;
-    }
-    drop(watcher);
 }
 
 /// The path to connect to for the socket at `path`: the path itself when it fits a unix socket
 /// address, else `/proc/self/fd/<fd>/<name>` through a descriptor of its directory, returned
 /// with it (the caller keeps it open as long as the connection may reconnect). On a real node
 /// the launcher socket path (121 bytes with a pod UID) never fits the 107-byte limit.
-fn connect_path(path: &std::path::Path) -> (Option<std::fs::File>, PathBuf) {
+pub fn connect_path(path: &std::path::Path) -> (Option<std::fs::File>, PathBuf) {
     use std::os::fd::AsRawFd;
     if !paths::too_long_for_unix_socket(path) {
         return (None, path.to_path_buf());
@@ -145,22 +112,6 @@ fn connect_path(path: &std::path::Path) -> (Option<std::fs::File>, PathBuf) {
     }
 }
 
-/// Stop a socket's connection task, then remove its domains and self-metrics.
-async fn remove(shared: &Arc<Shared>, d: Discovered) {
-    let _ = d.stop.send(true);
-    if tokio::time::timeout(Duration::from_secs(5), d.task)
-        .await
-        .is_err()
-    {
-        tracing::warn!(connection = d.id, "connection task did not stop in time");
-    }
-    let removed = shared.lock_inventory().remove_connection(d.id);
-    shared.telemetry.remove_connection(d.id);
-    if removed > 0 {
-        shared.push.push();
-    }
-}
-
 /// Whether a file-system event can change which sockets exist. Access and content/metadata
 /// events are ignored: the rescan itself opens every directory it globs, and reacting to those
 /// opens would rescan in a loop.
@@ -175,33 +126,74 @@ fn changes_entries(kind: &notify::EventKind) -> bool {
     }
 }
 
-/// Watch `dir` recursively; every event pokes `tx`. `None` (logged) when it cannot be watched
-/// yet (the rescan interval still finds sockets, and watching is retried each rescan).
-fn watch_dir(
-    dir: &std::path::Path,
-    tx: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    if !dir.is_dir() {
-        tracing::debug!(dir = %dir.display(), "kubelet pods dir does not exist (yet)");
-        return None;
+/// The inotify watches of discovery: exactly the existing directories at the levels where a
+/// socket can appear, non-recursive, updated after every scan. Every event that can change which
+/// entries exist pokes the channel.
+struct Watches {
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<(PathBuf, bool)>,
+}
+
+impl Watches {
+    fn new(tx: mpsc::UnboundedSender<()>) -> Self {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|ev| changes_entries(&ev.kind)) {
+                let _ = tx.send(());
+            }
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file-system notifications unavailable; relying on periodic rescans");
+                None
+            }
+        };
+        Self {
+            watcher,
+            watched: BTreeSet::new(),
+        }
     }
-    let mut w = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|ev| changes_entries(&ev.kind)) {
-            let _ = tx.send(());
+
+    /// Watch `dirs` (and `deep` recursively), and nothing else; true when a watch was added. A
+    /// directory that cannot be watched (it went away meanwhile) is retried at the next scan.
+    fn update(&mut self, dirs: &[PathBuf], deep: &[PathBuf]) -> bool {
+        let Some(w) = self.watcher.as_mut() else {
+            return false;
+        };
+        let want: BTreeSet<(PathBuf, bool)> = dirs
+            .iter()
+            .map(|d| (d.clone(), false))
+            .chain(deep.iter().map(|d| (d.clone(), true)))
+            .collect();
+        for (dir, _) in self.watched.difference(&want) {
+            // Fails when the directory is gone, which removed its watch already.
+            let _ = w.unwatch(dir);
         }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "file-system notifications unavailable; relying on periodic rescans");
-            return None;
+        let mut now = BTreeSet::new();
+        let mut added = false;
+        for entry in &want {
+            let (dir, recursive) = entry;
+            if self.watched.contains(entry) {
+                now.insert(entry.clone());
+                continue;
+            }
+            let mode = if *recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match w.watch(dir, mode) {
+                Ok(()) => {
+                    added = true;
+                    now.insert(entry.clone());
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch; the next rescan retries")
+                }
+            }
         }
-    };
-    match w.watch(dir, RecursiveMode::Recursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch kubelet pods dir; relying on periodic rescans");
-            None
-        }
+        self.watched = now;
+        added
     }
 }
 

@@ -75,9 +75,135 @@ pub fn scan(globs: &[String]) -> Vec<PathBuf> {
     out
 }
 
+/// Whether a path component is a glob pattern rather than a literal name.
+fn is_pattern(component: &str) -> bool {
+    component.contains(['*', '?', '['])
+}
+
+/// Where a socket matching one of `globs` can appear, as the patterns of the directories to
+/// watch: each level from the last literal directory down to the socket's directory. For
+/// `/k/pods/*/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock` that is `/k/pods`,
+/// `/k/pods/*`, `/k/pods/*/volumes`, `/k/pods/*/volumes/kubernetes.io~empty-dir` and
+/// `…/libvirt-runtime`: about four directories per pod, none inside other volumes, so what
+/// unrelated pods write never reaches the agent. The second list holds directories to watch
+/// recursively: the part before a `**` component, whose depth is not bounded.
+pub fn watch_patterns(globs: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut levels = Vec::new();
+    let mut recursive = Vec::new();
+    for g in globs {
+        let parts: Vec<&str> = g.split('/').collect();
+        let Some((_, dirs)) = parts.split_last() else {
+            continue;
+        };
+        let first_pattern = dirs.iter().position(|c| is_pattern(c));
+        if let Some(deep) = dirs.iter().position(|c| *c == "**") {
+            recursive.push(join(&dirs[..deep]));
+            continue;
+        }
+        // The last literal directory (it sees the first pattern level appear), then every level.
+        let from = first_pattern.unwrap_or(dirs.len()).max(1);
+        for end in from..=dirs.len() {
+            levels.push(join(&dirs[..end]));
+        }
+    }
+    levels.sort();
+    levels.dedup();
+    recursive.sort();
+    recursive.dedup();
+    (levels, recursive)
+}
+
+fn join(parts: &[&str]) -> String {
+    let s = parts.join("/");
+    if s.is_empty() {
+        "/".to_string()
+    } else {
+        s
+    }
+}
+
+/// Every existing directory matching any of `patterns`.
+pub fn existing_dirs(patterns: &[String]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = patterns
+        .iter()
+        .filter_map(|p| glob::glob(p).ok())
+        .flat_map(|paths| paths.filter_map(Result::ok))
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watched_levels_run_from_the_last_literal_dir_to_the_socket_dir() {
+        let globs = vec![
+            "/k/pods/*/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock".to_string(),
+            "/k/pods/*/volumes/kubernetes.io~empty-dir/libvirt-runtime/libvirt-sock".to_string(),
+        ];
+        let (levels, recursive) = watch_patterns(&globs);
+        assert_eq!(
+            levels,
+            vec![
+                "/k/pods",
+                "/k/pods/*",
+                "/k/pods/*/volumes",
+                "/k/pods/*/volumes/kubernetes.io~empty-dir",
+                "/k/pods/*/volumes/kubernetes.io~empty-dir/libvirt-runtime",
+            ]
+        );
+        assert!(recursive.is_empty());
+    }
+
+    #[test]
+    fn a_literal_socket_path_watches_its_dir_and_a_double_star_watches_recursively() {
+        let globs = vec![
+            "/run/libvirt/libvirt-sock".to_string(),
+            "/srv/**/sock".to_string(),
+        ];
+        let (levels, recursive) = watch_patterns(&globs);
+        assert_eq!(levels, vec!["/run/libvirt"]);
+        assert_eq!(recursive, vec!["/srv"]);
+    }
+
+    #[test]
+    fn only_existing_dirs_of_the_levels_are_watched_not_other_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let rt = root.join("pods/a/volumes/kubernetes.io~empty-dir/libvirt-runtime");
+        std::fs::create_dir_all(&rt).unwrap();
+        std::fs::create_dir_all(root.join("pods/b/volumes/kubernetes.io~empty-dir/cache/x/y"))
+            .unwrap();
+        std::fs::create_dir_all(root.join("pods/b/volumes/kubernetes.io~projected/token")).unwrap();
+        std::fs::write(root.join("pods/b/etc-hosts"), "").unwrap();
+        let globs = vec![format!(
+            "{}/pods/*/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock",
+            root.display()
+        )];
+        let (levels, _) = watch_patterns(&globs);
+        let got = existing_dirs(&levels);
+        let rel: Vec<String> = got
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            rel,
+            vec![
+                "pods",
+                "pods/a",
+                "pods/a/volumes",
+                "pods/a/volumes/kubernetes.io~empty-dir",
+                "pods/a/volumes/kubernetes.io~empty-dir/libvirt-runtime",
+                "pods/b",
+                "pods/b/volumes",
+                "pods/b/volumes/kubernetes.io~empty-dir",
+            ]
+        );
+    }
 
     #[test]
     fn pod_uid_is_taken_from_the_kubelet_path() {

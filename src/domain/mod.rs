@@ -4,8 +4,6 @@
 //! XML with a streaming quick-xml reader and stops as soon as it has what [`Wants`] asks for
 //! (libvirt writes name, uuid, metadata first, so the common case never tokenizes `<devices>`).
 
-use serde::Serialize;
-
 pub mod xml;
 pub use xml::{parse_domain_xml, XmlError};
 
@@ -13,13 +11,10 @@ pub use xml::{parse_domain_xml, XmlError};
 pub const KUBEVIRT_NS: &str = "http://kubevirt.io";
 
 /// Which hypervisor actually runs a domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HypervisorType {
-    #[serde(rename = "kvm")]
     Kvm,
-    #[serde(rename = "qemu-tcg")]
     QemuTcg,
-    #[serde(rename = "unknown")]
     Unknown,
 }
 
@@ -35,7 +30,7 @@ impl HypervisorType {
         }
     }
 
-    /// Classify the root `<domain type='…'>` attribute (contract §1).
+    /// Classify the root `<domain type='…'>` attribute (README, "Metric reference").
     pub fn from_domain_type(domain_type: Option<&str>) -> Self {
         match domain_type {
             Some("kvm") => Self::Kvm,
@@ -62,14 +57,14 @@ pub struct Wants {
 }
 
 /// KubeVirt metadata found in `<metadata><kubevirt xmlns="http://kubevirt.io">`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KubevirtMeta {
     /// The VMI's `<uid>`, when present.
     pub uid: Option<String>,
 }
 
 /// Facts read from one domain XML document.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainFacts {
     /// The raw root `type` attribute (`kvm`, `qemu`, `xen`, …).
     pub domain_type: Option<String>,
@@ -84,7 +79,6 @@ pub struct DomainFacts {
     /// The root carries an `id` attribute: the document is a running domain's live XML. An
     /// inactive domain's definition has none (read through a handle of a domain that stopped
     /// meanwhile, libvirt returns that instead of an error).
-    #[serde(skip)]
     pub live: bool,
 }
 
@@ -105,8 +99,8 @@ impl DomainFacts {
     }
 }
 
-/// The exported identity of a domain (contract §1, "KubeVirt identity").
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// The exported identity of a domain (README, "Metric reference": KubeVirt VMI or plain domain).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     /// KubeVirt namespace; `None` for a plain libvirt domain.
     pub namespace: Option<String>,

@@ -16,8 +16,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::domain::{DomainFacts, HypervisorType, Identity};
 
 #[cfg(test)]
@@ -118,15 +116,13 @@ pub struct FetchRequest {
 }
 
 /// One exported domain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainRecord {
-    #[serde(skip)]
     pub conn: ConnId,
     pub uuid: String,
     pub id: Option<u32>,
     /// The raw libvirt domain name.
     pub domain_name: String,
-    #[serde(flatten)]
     pub identity: Identity,
     pub hypervisor_type: HypervisorType,
     /// `false` when the XML could not be read: the record is re-read at the next resync.
@@ -301,7 +297,8 @@ impl Inventory {
         removed
     }
 
-    /// Apply one lifecycle event (contract §2). Returns a fetch to perform, if any.
+    /// Apply one lifecycle event: STARTED/RESUMED read the XML, STOPPED/UNDEFINED (of an inactive
+    /// domain) remove, the others keep what is known. Returns a fetch to perform, if any.
     pub fn apply_event(
         &mut self,
         conn: ConnId,
@@ -429,14 +426,14 @@ impl Inventory {
     ) -> ResyncReport {
         let conn = token.conn;
         let mut report = ResyncReport::default();
-        let mut new_seqs = Vec::new();
+        // Listed, neither known nor fetched: each gets a fetch request once the state is released.
+        let mut unfetched = Vec::new();
         let Some(state) = self.conns.get_mut(&conn) else {
             return report;
         };
         state.resyncs.retain(|s| *s != token.seq);
 
         let listed: HashSet<&str> = listing.iter().map(|(d, _)| d.uuid.as_str()).collect();
-        let before = state.domains.len();
         state.domains.retain(|uuid, e| {
             let keep = listed.contains(uuid.as_str()) || e.touched > token.seq;
             if !keep && e.record.is_some() {
@@ -444,7 +441,6 @@ impl Inventory {
             }
             keep
         });
-        let _ = before;
 
         for (dom, outcome) in listing {
             if state
@@ -487,7 +483,7 @@ impl Inventory {
                             }
                         }
                         None if e.pending.is_some() => {}
-                        None => new_seqs.push(dom),
+                        None => unfetched.push(dom),
                     }
                 }
                 None => match outcome {
@@ -505,14 +501,14 @@ impl Inventory {
                             );
                         }
                     }
-                    None => new_seqs.push(dom),
+                    None => unfetched.push(dom),
                 },
             }
         }
         if state.resyncs.is_empty() {
             state.tombstones.clear();
         }
-        for dom in new_seqs {
+        for dom in unfetched {
             self.seq += 1;
             let seq = self.seq;
             if let Some(state) = self.conns.get_mut(&conn) {
@@ -551,12 +547,15 @@ impl Inventory {
         snap
     }
 
-    /// Number of exported domains on one connection.
-    pub fn exported_on(&self, conn: ConnId) -> usize {
-        self.conns
-            .get(&conn)
-            .map(|c| c.domains.values().filter(|e| e.record.is_some()).count())
-            .unwrap_or(0)
+    /// Number of resyncs begun and neither finished nor aborted (all connections). Zero whenever
+    /// no resync task is running: a token that outlives its task leaks tombstones.
+    pub fn resyncs_in_progress(&self) -> usize {
+        self.conns.values().map(|c| c.resyncs.len()).sum()
+    }
+
+    /// Number of tombstones held (all connections); only kept while a resync is in progress.
+    pub fn tombstones(&self) -> usize {
+        self.conns.values().map(|c| c.tombstones.len()).sum()
     }
 
     /// Number of fetches outstanding (all connections).

@@ -1,21 +1,31 @@
-//! The single libvirt event-loop thread.
+//! The single libvirt event-loop thread, shared by every user through [`EventLoop`] guards.
 //!
 //! libvirt's default event implementation must be registered before any connection is opened
 //! and can never be unregistered, so registration happens once per process. The loop runs
-//! `virEventRunDefaultImpl` on one named thread; a periodic timeout wakes it so it notices a
-//! stop request. The thread body is wrapped so a panic is reported, not silently lost.
+//! `virEventRunDefaultImpl` on one named thread; a timer, armed only to stop it, wakes it so it
+//! notices. The thread body is wrapped so a panic is reported, not silently lost. [`acquire`]
+//! returns a guard; the thread stops when the last guard is released (explicitly with
+//! [`EventLoop::release`], which waits for the thread with a bound, or by dropping it, which does
+//! not wait), so an error between acquiring and using the loop cannot leak a user.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A libvirt timer that is normally disabled (-1): [`stop`] arms it (0 = fire at once) to wake
+/// A libvirt timer that is normally disabled (-1): stopping arms it (0 = fire at once) to wake
 /// the loop so it notices the stop request, and its callback disarms it again. An idle agent
 /// therefore never wakes up for nothing (a periodic timer cost ~300 wakeups a minute).
 static WAKE_TIMER: OnceLock<i32> = OnceLock::new();
 
-static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+static REGISTERED: OnceLock<Result<(), Failed>> = OnceLock::new();
+
+/// A failed one-time registration, kept to report it to every later caller.
+#[derive(Clone, Debug)]
+enum Failed {
+    Register(String),
+    Timer(String),
+}
 
 fn set_wake_timer(ms: i32) {
     if let Some(id) = WAKE_TIMER.get() {
@@ -28,7 +38,7 @@ static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
 struct Running {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
-    /// Agents using the loop; it stops when the last one releases it.
+    /// Live guards; the thread stops when the last one is released.
     users: usize,
 }
 
@@ -43,31 +53,35 @@ pub enum EventLoopError {
     Spawn(#[source] std::io::Error),
 }
 
+/// One user of the event loop. Released on drop (without waiting for the thread) or with
+/// [`release`](Self::release).
+#[derive(Debug)]
+pub struct EventLoop {
+    released: bool,
+}
+
 /// Register the default event implementation (once per process) and make sure the loop thread
-/// runs. Must be called before opening any connection. Each call must be paired with one
-/// [`stop`]; the thread stops when the last user releases it.
-pub fn ensure_running() -> Result<(), EventLoopError> {
+/// runs. Must be called before opening any connection.
+pub fn acquire() -> Result<EventLoop, EventLoopError> {
     let registered = REGISTERED.get_or_init(|| {
         // libvirt prints every error to stderr by default; the agent logs what matters itself.
         virt::error::clear_error_callback();
-        virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
+        virt::event::event_register_default_impl().map_err(|e| Failed::Register(e.to_string()))?;
         let watch =
             virt::event::event_add_timeout(-1, |_, _| set_wake_timer(-1), std::ptr::null_mut())
-                .map_err(|e| format!("timer: {e}"))?;
+                .map_err(|e| Failed::Timer(e.to_string()))?;
         let _ = WAKE_TIMER.set(watch.0);
         Ok(())
     });
-    if let Err(e) = registered {
-        return Err(if e.starts_with("timer: ") {
-            EventLoopError::Timer(e.clone())
-        } else {
-            EventLoopError::Register(e.clone())
-        });
+    match registered {
+        Ok(()) => {}
+        Err(Failed::Register(e)) => return Err(EventLoopError::Register(e.clone())),
+        Err(Failed::Timer(e)) => return Err(EventLoopError::Timer(e.clone())),
     }
     let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = running.as_mut().filter(|r| !r.thread.is_finished()) {
         r.users += 1;
-        return Ok(());
+        return Ok(EventLoop { released: false });
     }
     // A previous stop may have left the wake timer armed: disarm it for the new thread.
     set_wake_timer(-1);
@@ -82,7 +96,7 @@ pub fn ensure_running() -> Result<(), EventLoopError> {
         thread,
         users: 1,
     });
-    Ok(())
+    Ok(EventLoop { released: false })
 }
 
 fn run(stop: Arc<AtomicBool>) {
@@ -105,32 +119,55 @@ fn run(stop: Arc<AtomicBool>) {
     }
 }
 
-/// Release one use of the loop; the last release stops the thread and waits for it up to
-/// `deadline`. Returns false if it did not stop in time (it is then left to die with the
-/// process).
-pub fn stop(deadline: Duration) -> bool {
+impl EventLoop {
+    /// Release this use of the loop; the last release stops the thread and waits for it up to
+    /// `deadline` (blocking: call it off the async workers). Returns false if it did not stop in
+    /// time (it is then left to die with the process).
+    pub fn release(mut self, deadline: Duration) -> bool {
+        self.released = true;
+        match stop_thread() {
+            Some(thread) => join_within(thread, deadline),
+            None => true,
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        if !self.released {
+            // Not waited for: a drop may happen on an async worker.
+            let _ = stop_thread();
+        }
+    }
+}
+
+/// Drop one user; when it was the last, ask the thread to stop and hand it back.
+fn stop_thread() -> Option<JoinHandle<()>> {
     let running = {
         let mut guard = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_mut() {
             Some(r) if r.users > 1 => {
                 r.users -= 1;
-                return true;
+                return None;
             }
             _ => guard.take(),
         }
-    };
-    let Some(running) = running else { return true };
+    }?;
     running.stop.store(true, Ordering::Release);
     set_wake_timer(0);
+    Some(running.thread)
+}
+
+fn join_within(thread: JoinHandle<()>, deadline: Duration) -> bool {
     let start = Instant::now();
-    while !running.thread.is_finished() {
+    while !thread.is_finished() {
         if start.elapsed() > deadline {
             tracing::warn!("libvirt event loop did not stop within {deadline:?}");
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = running.thread.join();
+    let _ = thread.join();
     true
 }
 

@@ -4,11 +4,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedSender;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::{watch, Notify};
 use virt::error::ErrorNumber;
 
 use super::ffi::{DomainHandle, RawLifecycle, Watched};
-use super::{CloseReason, SourceEvent};
+use super::{CloseReason, Feeds, SourceEvent, EVENT_BACKLOG};
 use crate::domain::{parse_domain_xml, DomainFacts, Wants, XmlError};
 use crate::inventory::{DomainRef, Lifecycle};
 
@@ -19,36 +22,45 @@ pub enum LibvirtError {
     Open { uri: String, message: String },
     #[error("listing active domains failed: {0}")]
     List(String),
+    #[error("reading the domain's XML failed: {0}")]
+    Fetch(String),
+    #[error("reading the hypervisor version failed: {0}")]
+    Version(String),
     #[error("connection is closed")]
     Closed,
 }
 
-/// Open `uri` read-only, register callbacks that forward to `tx`, enable keepalive.
+/// Open `uri` read-only, register callbacks that feed the returned [`Feeds`], enable keepalive.
 pub fn open(
     uri: &str,
     keepalive: Option<(Duration, u32)>,
-    tx: UnboundedSender<SourceEvent>,
-) -> Result<Watched, LibvirtError> {
-    let events = tx.clone();
+) -> Result<(Watched, Feeds), LibvirtError> {
+    let (events_tx, events) = mpsc::channel(EVENT_BACKLOG);
+    let overflow = Arc::new(Notify::new());
+    let (closed_tx, closed) = watch::channel(None);
+    let overflowed = Arc::clone(&overflow);
     let on_event = Box::new(move |raw: RawLifecycle| {
-        let event = Lifecycle::from_raw(raw.event);
-        let domain = DomainRef {
-            uuid: raw.uuid,
-            id: raw.id,
-            name: raw.name,
-        };
-        // A closed receiver means the agent dropped this connection: nothing to do.
-        let _ = events.send(SourceEvent::Lifecycle {
-            domain,
-            event,
+        let event = SourceEvent {
+            domain: DomainRef {
+                uuid: raw.uuid,
+                id: raw.id,
+                name: raw.name,
+            },
+            event: Lifecycle::from_raw(raw.event),
             detail: raw.detail,
             handle: raw.handle,
-        });
+        };
+        match events_tx.try_send(event) {
+            Ok(()) => {}
+            // Dropped (its domain reference is released here, a local unref): the resync that
+            // the notification triggers makes up for it.
+            Err(TrySendError::Full(_)) => overflowed.notify_one(),
+            // The agent dropped this connection: nothing to do.
+            Err(TrySendError::Closed(_)) => {}
+        }
     });
     let on_close = Box::new(move |reason: i32| {
-        let _ = tx.send(SourceEvent::Closed {
-            reason: CloseReason::from_raw(reason),
-        });
+        let _ = closed_tx.send(Some(CloseReason::from_raw(reason)));
     });
     let watched = Watched::open(uri, on_event, on_close).map_err(|e| LibvirtError::Open {
         uri: uri.to_string(),
@@ -61,7 +73,14 @@ pub fn open(
             tracing::debug!(uri, error = %e.message(), "keepalive not enabled");
         }
     }
-    Ok(watched)
+    Ok((
+        watched,
+        Feeds {
+            events,
+            overflow,
+            closed,
+        },
+    ))
 }
 
 /// Every active domain, with a handle to each for reading its XML without a lookup.
@@ -102,16 +121,14 @@ pub fn list_active(watched: &Watched) -> Result<Listing, LibvirtError> {
     Ok(out)
 }
 
-/// How a fetch ended, with the reason when it failed.
+/// What a fetch found (a libvirt error is a [`LibvirtError::Fetch`]).
 #[derive(Debug)]
 pub enum Fetched {
     Facts(DomainFacts),
     /// The domain is gone or inactive: normal after an event, not an error.
     Gone,
-    /// libvirt answered with an error.
-    LibvirtError(String),
-    /// The XML could not be parsed.
-    ParseError(XmlError),
+    /// The XML was read but could not be parsed.
+    Unparsable(XmlError),
 }
 
 /// Read a domain's live XML (flags 0: no secrets) through `handle` when there is one, else
@@ -122,30 +139,28 @@ pub fn fetch_domain(
     dom: &DomainRef,
     handle: Option<DomainHandle>,
     wants: Wants,
-) -> Fetched {
+) -> Result<Fetched, LibvirtError> {
     let handle = match handle {
         Some(h) => h,
         None => {
-            let Some(conn) = watched.connect() else {
-                return Fetched::LibvirtError("connection closed".into());
-            };
+            let conn = watched.connect().ok_or(LibvirtError::Closed)?;
             match conn.lookup_domain_by_uuid_string(&dom.uuid) {
                 Ok(d) => DomainHandle::new(d),
-                Err(e) if is_gone(&e) => return Fetched::Gone,
-                Err(e) => return Fetched::LibvirtError(e.message().to_string()),
+                Err(e) if is_gone(&e) => return Ok(Fetched::Gone),
+                Err(e) => return Err(LibvirtError::Fetch(e.message().to_string())),
             }
         }
     };
     let xml = handle.domain().xml_desc(0);
     drop(handle);
     match xml {
-        Ok(xml) => match parse_domain_xml(xml.as_bytes(), wants) {
+        Ok(xml) => Ok(match parse_domain_xml(xml.as_bytes(), wants) {
             Ok(facts) if facts.live => Fetched::Facts(facts),
             Ok(_) => Fetched::Gone,
-            Err(e) => Fetched::ParseError(e),
-        },
-        Err(e) if is_gone(&e) => Fetched::Gone,
-        Err(e) => Fetched::LibvirtError(e.message().to_string()),
+            Err(e) => Fetched::Unparsable(e),
+        }),
+        Err(e) if is_gone(&e) => Ok(Fetched::Gone),
+        Err(e) => Err(LibvirtError::Fetch(e.message().to_string())),
     }
 }
 
@@ -155,15 +170,10 @@ fn is_gone(e: &virt::error::Error) -> bool {
 }
 
 /// The hypervisor version of a connection as `major.minor.release`, when the driver reports it.
-pub fn hypervisor_version(watched: &Watched) -> Option<String> {
-    let v = watched.connect()?.hyp_version().ok()?;
-    if v == 0 {
-        return None;
-    }
-    Some(format!(
-        "{}.{}.{}",
-        v / 1_000_000,
-        (v / 1000) % 1000,
-        v % 1000
-    ))
+pub fn hypervisor_version(watched: &Watched) -> Result<Option<String>, LibvirtError> {
+    let conn = watched.connect().ok_or(LibvirtError::Closed)?;
+    let v = conn
+        .hyp_version()
+        .map_err(|e| LibvirtError::Version(e.message().to_string()))?;
+    Ok((v != 0).then(|| format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)))
 }

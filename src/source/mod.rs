@@ -13,19 +13,30 @@ pub mod libvirt;
 
 use crate::inventory::{DomainRef, Lifecycle};
 
-/// What a connection reports to the agent.
+/// A domain lifecycle transition reported by a connection.
 #[derive(Debug)]
-pub enum SourceEvent {
-    /// A domain lifecycle transition.
-    Lifecycle {
-        domain: DomainRef,
-        event: Lifecycle,
-        detail: i32,
-        /// The event's domain object, for a fetch without a lookup.
-        handle: Option<ffi::DomainHandle>,
-    },
-    /// The connection closed (`VIR_CONNECT_CLOSE_REASON_*`).
-    Closed { reason: CloseReason },
+pub struct SourceEvent {
+    pub domain: DomainRef,
+    pub event: Lifecycle,
+    pub detail: i32,
+    /// The event's domain object, for a fetch without a lookup.
+    pub handle: Option<ffi::DomainHandle>,
+}
+
+/// Lifecycle events a connection queues before new ones are dropped (each holds a domain
+/// reference). A drop is never silent: it wakes [`Feeds::overflow`], and the agent resyncs the
+/// connection, which heals whatever the dropped events said.
+pub const EVENT_BACKLOG: usize = 1024;
+
+/// The receiving ends of what a connection's callbacks report, all fed from the event-loop thread
+/// without ever blocking it.
+#[derive(Debug)]
+pub struct Feeds {
+    pub events: tokio::sync::mpsc::Receiver<SourceEvent>,
+    /// Notified when an event was dropped because `events` was full.
+    pub overflow: std::sync::Arc<tokio::sync::Notify>,
+    /// Set once when libvirt closes the connection.
+    pub closed: tokio::sync::watch::Receiver<Option<CloseReason>>,
 }
 
 /// Why libvirt closed a connection.

@@ -1,10 +1,11 @@
 //! Helpers shared by the integration tests: an in-process OTLP receiver ([`receiver`]), a real libvirtd
-//! driven through `virsh` ([`libvirt`]), the agent binary as a child process ([`Agent`]), and
-//! [`wait_until`].
+//! driven through `virsh` ([`libvirt`]), the agent binary as a child process ([`Agent`]) or in-process
+//! ([`in_process`]), and [`wait_until`].
 //!
 //! Each test binary compiles this module and uses a part of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod in_process;
 pub mod libvirt;
 pub mod pipeline;
 pub mod receiver;

@@ -1,0 +1,176 @@
+//! The one owner of the agent's connections: explicit URIs and discovered launcher sockets alike
+//! are [`add`](Registry::add)ed, [`remove`](Registry::remove)d and [`shutdown`](Registry::shutdown)
+//! here, with one rule for ids, self-metrics and readiness.
+//!
+//! Each connection is one task in the registry's `JoinSet`, told to stop through a watch channel
+//! that carries its deadline. A removal returns at once: the connection closes on its own
+//! (bounded by `fetch_timeout`) and [`reap`](Registry::reap) then drops its domains and
+//! self-metrics, so many pods going away close in parallel. Shutdown stops every connection with
+//! one deadline and keeps the domains (the VMs still run).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use super::connection::{self, ConnSpec};
+use super::Shared;
+use crate::inventory::ConnId;
+
+/// How long after its deadline a closing connection may take to report that it ended.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A connection to add: a [`ConnSpec`] before it has an id.
+#[derive(Debug)]
+pub struct NewConnection {
+    pub label: String,
+    pub uri: String,
+    pub fallback_uri: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Held open as long as the connection lives (a launcher socket reached through a
+    /// `/proc/self/fd` alias of its directory).
+    pub dir: Option<std::fs::File>,
+}
+
+impl NewConnection {
+    /// An explicit URI from `libvirt.uris`.
+    pub fn uri(uri: &str) -> Self {
+        Self {
+            label: uri.to_string(),
+            uri: uri.to_string(),
+            fallback_uri: None,
+            pod_uid: None,
+            dir: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    label: String,
+    stop: watch::Sender<Option<Instant>>,
+    /// Removed (not shut down): its domains go when its task ends.
+    removing: bool,
+    _dir: Option<std::fs::File>,
+}
+
+/// The set of connections and their tasks.
+#[derive(Debug)]
+pub struct Registry {
+    shared: Arc<Shared>,
+    next_id: ConnId,
+    conns: BTreeMap<ConnId, Entry>,
+    tasks: JoinSet<()>,
+    by_task: HashMap<tokio::task::Id, ConnId>,
+}
+
+impl Registry {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            next_id: 1,
+            conns: BTreeMap::new(),
+            tasks: JoinSet::new(),
+            by_task: HashMap::new(),
+        }
+    }
+
+    /// Start a connection; `first_sync` fires after its first resync or failed attempt.
+    pub fn add(&mut self, new: NewConnection, first_sync: Option<oneshot::Sender<bool>>) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.shared
+            .telemetry
+            .add_connection(id, &new.label, new.pod_uid.clone());
+        self.shared.lock_inventory().add_connection(id);
+        let (stop, stop_rx) = watch::channel(None);
+        let spec = ConnSpec {
+            id,
+            label: new.label.clone(),
+            uri: new.uri,
+            fallback_uri: new.fallback_uri,
+            pod_uid: new.pod_uid,
+        };
+        let task = connection::supervise(Arc::clone(&self.shared), spec, stop_rx, first_sync);
+        let handle = self.tasks.spawn(task);
+        self.by_task.insert(handle.id(), id);
+        self.conns.insert(
+            id,
+            Entry {
+                label: new.label,
+                stop,
+                removing: false,
+                _dir: new.dir,
+            },
+        );
+        id
+    }
+
+    /// Stop a connection; its domains and self-metrics go once it closed (see [`reap`](Self::reap)).
+    pub fn remove(&mut self, id: ConnId) {
+        let by = Instant::now() + self.shared.cfg.libvirt.fetch_timeout;
+        if let Some(e) = self.conns.get_mut(&id) {
+            e.removing = true;
+            let _ = e.stop.send(Some(by));
+        }
+    }
+
+    /// The `connection` label of every connection, by id.
+    pub fn labels(&self) -> BTreeMap<ConnId, String> {
+        self.conns
+            .iter()
+            .map(|(id, e)| (*id, e.label.clone()))
+            .collect()
+    }
+
+    /// Wait for a connection task to end and finish its removal; pending while none runs.
+    pub async fn reap(&mut self) {
+        let Some(done) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let task = match &done {
+            Ok((task, ())) => *task,
+            Err(e) => e.id(),
+        };
+        let Some(id) = self.by_task.remove(&task) else {
+            return;
+        };
+        let entry = self.conns.remove(&id);
+        if let Err(e) = done {
+            tracing::error!(connection = id, error = %e, "connection task ended abnormally; its domains are dropped");
+        } else if !entry.is_some_and(|e| e.removing) {
+            tracing::error!(
+                connection = id,
+                "connection task ended unasked; its domains are dropped"
+            );
+        }
+        let removed = self.shared.lock_inventory().remove_connection(id);
+        self.shared.telemetry.remove_connection(id);
+        if removed > 0 {
+            self.shared.push.push();
+        }
+    }
+
+    /// Stop every connection by `by`, keeping their domains; connections still closing then are
+    /// left to their blocking threads.
+    pub async fn shutdown(mut self, by: Instant) {
+        for e in self.conns.values() {
+            let _ = e.stop.send(Some(by));
+        }
+        // Each connection closes by `by` on its own (a slow release is left to its blocking
+        // thread); the grace only covers waking up to report it.
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout_at((by + CLOSE_GRACE).into(), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.tasks.len(),
+                "connections did not close by the shutdown deadline"
+            );
+            self.tasks.abort_all();
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The agent in-process, on its own runtime thread (one async worker, as the binary), so a test
+//! can read its inventory and telemetry directly. Dropping it stops the agent and joins the thread.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use virt_hypervisor_agent::agent::Agent;
+use virt_hypervisor_agent::config::AgentConfig;
+use virt_hypervisor_agent::export::Telemetry;
+use virt_hypervisor_agent::inventory::Inventory;
+
+#[derive(Debug)]
+pub struct InProcess {
+    pub inventory: Arc<Mutex<Inventory>>,
+    pub telemetry: Arc<Telemetry>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    /// Build and run an agent with `cfg`; panics if it cannot start (a failed test).
+    pub fn start(cfg: AgentConfig) -> InProcess {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            rt.block_on(async move {
+                let agent = Agent::new(cfg).expect("agent builds");
+                let _ = tx.send((agent.inventory(), agent.telemetry()));
+                agent
+                    .run(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("agent runs");
+            });
+            // A daemon hung by a test may still hold a blocking thread: do not wait for it.
+            rt.shutdown_background();
+        });
+        let (inventory, telemetry) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the agent started");
+        InProcess {
+            inventory,
+            telemetry,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
