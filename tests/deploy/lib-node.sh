@@ -13,6 +13,7 @@
 #   cargo-deb/             `cargo install --root` of cargo-deb
 # Podman images are kept in podman's own storage, labelled with their recipe hash.
 
+# shellcheck source=tests/deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 VHA_CACHE_DIR=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}
@@ -27,7 +28,7 @@ node_fail() { printf '%s: FAIL: %s\n' "${NODE_CHECK:-node}" "$*" >&2; exit 1; }
 # ends the script) and record how long it took. print_timings, from the EXIT trap, also shows the
 # step that was running when the script failed.
 NODE_TIMINGS=()
-STEP_NAME= STEP_T0=
+STEP_NAME='' STEP_T0=''
 step_elapsed() { awk -v a="$STEP_T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 timed() {
     STEP_NAME=$1 STEP_T0=$(date +%s.%N)
@@ -137,7 +138,8 @@ build_nspawn_root() {
 }
 
 # The runtime base of the image (tagged as debian:bookworm-slim): minbase, with the dpkg excludes and
-# apt settings of the official slim image (no docs, man pages or locales; no apt lists kept).
+# apt settings of the official slim image (no docs, man pages or locales; no apt lists, downloaded
+# .debs or package caches kept).
 build_runtime_root() {
     local root=$1
     debootstrap_minbase "$root" "" || return 1
@@ -150,6 +152,13 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/lintian/*
 path-exclude /usr/share/linda/*
 path-exclude /usr/share/locale/*
+EOF
+    # As in the official image: apt keeps no downloaded .debs and no package caches in a layer.
+    cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
 EOF
     printf 'APT::Install-Recommends "false";\n' >"$root/etc/apt/apt.conf.d/docker-no-recommends"
     find "$root/usr/share/doc" -mindepth 2 -not -name copyright -not -type d -delete
@@ -219,7 +228,8 @@ YAML
         need_pkgs libpython3.11
         local venv=$DEPLOY_TOOLS_DIR/rotel-$ROTEL_VERSION
         if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import rotel' 2>/dev/null; then
-            python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check "rotel==$ROTEL_VERSION" ||
+            python3 -m venv "$venv" || node_fail "python3 -m venv $venv"
+            "$venv/bin/pip" install -q --disable-pip-version-check "rotel==$ROTEL_VERSION" ||
                 node_fail "pip install rotel==$ROTEL_VERSION"
         fi
         bin=$("$venv/bin/python" -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')
@@ -303,8 +313,15 @@ build_builder_root() {
     cp -a "$runtime/." "$root/"
     rm -f "$root/.vha-complete"
     chroot_apt "$root" gcc libc6-dev ca-certificates || return 1
+    # Trust what this machine trusts: its local CAs (Debian's place for them), e.g. of an egress
+    # proxy in front of crates.io. Only the builder gets them, never the runtime image.
+    if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+        cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+        chroot "$root" update-ca-certificates >/dev/null || return 1
+    fi
     rm -rf "$root"/var/lib/apt/lists/*
-    local tc=$root/usr/local/rustup/toolchains/$(basename "$sysroot")
+    local tc
+    tc=$root/usr/local/rustup/toolchains/$(basename "$sysroot")
     mkdir -p "$tc/bin" "$root/usr/local/cargo/bin"
     cp -a "$sysroot/bin/cargo" "$sysroot/bin/rustc" "$sysroot/bin/rustdoc" "$tc/bin/"
     cp -a "$sysroot/libexec" "$tc/"
@@ -320,32 +337,38 @@ build_builder_root() {
 # Each carries the label vha.recipe=<hash>; an image with the current hash is reused. Sets
 # RUST_IMAGE_VERSION (pass it as --build-arg RUST_VERSION).
 local_base_images() {
-    local runtime hash rhash bhash tmp
+    local runtime rhash bhash tmp old
     runtime=$(cached_root runtime) || node_fail "no runtime root"
     rhash=$(basename "$runtime" | sed 's/^root-runtime-//')
     RUST_IMAGE_VERSION=$(rustc --version | awk '{print $2}')
     RUNTIME_BASE=docker.io/library/debian:$SUITE-slim
     BUILDER_BASE=docker.io/library/rust:$RUST_IMAGE_VERSION-$SUITE
     if [[ $(image_recipe "$RUNTIME_BASE") != "$rhash" ]]; then
+        old=$(podman image inspect --format '{{.Id}}' "$RUNTIME_BASE" 2>/dev/null || true)
         node_log "importing $runtime as $RUNTIME_BASE"
         tar -C "$runtime" --exclude=./.vha-complete -c . |
-            podman import --change "LABEL vha.recipe=$rhash" --change 'CMD ["bash"]' - "$RUNTIME_BASE" >/dev/null ||
+            podman import -q --change "LABEL vha.recipe=$rhash" --change 'CMD ["bash"]' - "$RUNTIME_BASE" >/dev/null ||
             node_fail "podman import $RUNTIME_BASE"
+        # The replaced image, unless images built on it still use it.
+        [[ -n $old ]] && podman rmi "$old" >/dev/null 2>&1 || true
     else
         node_log "cached image $RUNTIME_BASE (recipe $rhash)"
     fi
-    bhash=$( (echo "$rhash"; recipe_hash build_builder_root; rustc -vV) | sha256sum | cut -c1-12)
+    bhash=$( (echo "$rhash"; recipe_hash build_builder_root; rustc -vV; cat /usr/local/share/ca-certificates/*.crt 2>/dev/null) |
+        sha256sum | cut -c1-12)
     if [[ $(image_recipe "$BUILDER_BASE") != "$bhash" ]]; then
+        old=$(podman image inspect --format '{{.Id}}' "$BUILDER_BASE" 2>/dev/null || true)
         tmp=$VHA_CACHE_DIR/root-builder.tmp
         rm -rf "$tmp"
         node_log "building $BUILDER_BASE (recipe $bhash)"
         build_builder_root "$tmp" "$runtime" || { rm -rf "$tmp"; node_fail "building the builder root failed"; }
         tar -C "$tmp" -c . |
-            podman import --change "LABEL vha.recipe=$bhash" \
+            podman import -q --change "LABEL vha.recipe=$bhash" \
                 --change 'ENV RUSTUP_HOME=/usr/local/rustup' --change 'ENV CARGO_HOME=/usr/local/cargo' \
                 --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
                 --change 'CMD ["bash"]' - "$BUILDER_BASE" >/dev/null || { rm -rf "$tmp"; node_fail "podman import $BUILDER_BASE"; }
         rm -rf "$tmp"
+        [[ -n $old ]] && podman rmi "$old" >/dev/null 2>&1 || true
     else
         node_log "cached image $BUILDER_BASE (recipe $bhash)"
     fi
