@@ -50,7 +50,7 @@ READY_BOUND=60 SERIES_BOUND=30 WATCHDOG_MIN=30 WATCHDOG_MAX=120 STOP_BOUND=15
 need_pkgs systemd-container debootstrap
 
 work=$(mktemp -d /tmp/vha-nspawn.XXXXXX)
-NSPAWN_PID= LEADER= OVERLAY= NSPAWN_TMPFS=
+NSPAWN_PID='' LEADER='' OVERLAY='' NSPAWN_TMPFS=''
 cleanup() {
     local rc=$?
     set +e
@@ -70,7 +70,7 @@ cleanup() {
     [[ -n $NSPAWN_TMPFS ]] && umount /run/systemd/nspawn
     otlp_receiver_stop
     if ((rc != 0)); then
-        node_log "---- last receiver lines"; tail -n 20 "$RECEIVER_LOG" 2>/dev/null >&2
+        node_log "---- last receiver lines"; tail -n 20 "${RECEIVER_LOG:-/dev/null}" 2>/dev/null >&2
         node_log "---- container console"; tail -n 30 "$work/nspawn.log" 2>/dev/null >&2
     fi
     rm -rf "$work"

@@ -73,9 +73,10 @@ check_scripts() {
         ! grep -q '#DEBHELPER#' "$work/c/$s" || node_fail "$s: #DEBHELPER# was not replaced"
     done
     grep -q 'deb-systemd-helper enable virt-hypervisor-agent.service' "$work/c/postinst" || node_fail "postinst does not enable the unit"
-    grep -q '_dh_action=restart' "$work/c/postinst" && grep -q '_dh_action=start' "$work/c/postinst" &&
-        grep -q 'deb-systemd-invoke $_dh_action virt-hypervisor-agent.service' "$work/c/postinst" ||
-        node_fail "postinst does not start (install) / restart (upgrade) the unit"
+    local w
+    for w in '_dh_action=restart' '_dh_action=start' 'deb-systemd-invoke $_dh_action virt-hypervisor-agent.service'; do
+        grep -qF -- "$w" "$work/c/postinst" || node_fail "postinst does not start (install) / restart (upgrade) the unit: no '$w'"
+    done
     (($(grep -c 'Automatically added by cargo-deb' "$work/c/postinst") == 2)) || node_fail "postinst: expected 2 generated snippets"
     grep -q 'check-config' "$work/c/postinst" || node_fail "postinst lacks the config check"
     grep -q 'deb-systemd-invoke stop .*virt-hypervisor-agent.service' "$work/c/prerm" || node_fail "prerm does not stop the unit"
