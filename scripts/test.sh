@@ -60,6 +60,21 @@ export VHA_E2E_REQUIRED=${VHA_E2E_REQUIRED:-1}
 export VHA_E2E_REPORT=$STATE_DIR/e2e-latency.txt
 rm -f "$VHA_E2E_REPORT"
 
+# The user's side of the pipeline, built from the Go module proxy and cached under $VHA_CACHE_DIR
+# (default /var/cache/virt-hypervisor-agent-ci): the minimal collector of otel/builder-config.yaml
+# (also validating the shipped otel/collector.yaml) and Prometheus 3 (OTLP receiver). The PromQL
+# end-to-end tests (tests/e2e_prometheus.rs) take them from these variables.
+build_collector() {
+    VHA_OTELCOL_BIN=$(bash scripts/build-collector.sh --validate)
+    export VHA_OTELCOL_BIN
+}
+build_prometheus3() {
+    VHA_PROMETHEUS3_BIN=$(bash scripts/build-prometheus.sh)
+    export VHA_PROMETHEUS3_BIN
+}
+step "collector: ocb build (cached) + validate otel/collector.yaml" build_collector
+step "Prometheus 3: build from the Go module proxy (cached)" build_prometheus3
+
 step "dependencies build with rust-version (scripts/check-msrv.sh)" bash scripts/check-msrv.sh
 step "cargo fmt --check" cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -D warnings
@@ -82,7 +97,7 @@ fi
 current="summary"
 
 if [[ -s $VHA_E2E_REPORT ]]; then
-    printf '\nEnd-to-end latencies (libvirt command returned -> OTLP receiver saw the change):\n'
+    printf '\nEnd-to-end latencies (libvirt command returned -> OTLP receiver or PromQL saw the change):\n'
     cat "$VHA_E2E_REPORT"
 fi
 printf '\nSteps:\n'

@@ -10,4 +10,5 @@ pub mod discovery;
 pub mod domain;
 pub mod export;
 pub mod inventory;
+pub mod node;
 pub mod source;

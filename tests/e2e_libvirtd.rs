@@ -356,6 +356,16 @@ fn scenario(transport: Transport) {
             let since = at(kvm.start(), "start kvm");
             let obs = h.expect("start type='kvm' -> kvm", since, |s| present(s, &kvm));
             check_series(transport, &obs, &kvm);
+            // The agent's own KVM check agrees with what just happened: a KVM guest runs here.
+            let cap = obs
+                .request
+                .series("virt_hypervisor_agent_node_kvm_available");
+            assert_eq!(
+                cap.iter().map(|s| s.value.as_f64()).collect::<Vec<_>>(),
+                [1.0],
+                "[{transport}] a KVM guest runs on this node; the agent's KVM capability says:\n{}",
+                describe(&cap)
+            );
             Some(kvm)
         }
         Err(reason) => {

@@ -12,7 +12,7 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 7] = [
+const DECLARED: [&str; 8] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
@@ -20,6 +20,7 @@ const DECLARED: [&str; 7] = [
     "virt_hypervisor_agent_xml_errors",
     "virt_hypervisor_agent_reconnects",
     "virt_hypervisor_agent_last_sync_duration",
+    "virt_hypervisor_agent_node_kvm_available",
 ];
 
 fn by(series: &[Series], attr: &str) -> BTreeMap<String, f64> {
@@ -114,6 +115,20 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     assert!(
         errors.values().all(|v| *v == 0.0),
         "no XML error on the demo node: {errors:?}"
+    );
+
+    // The node's KVM capability: what the same check says in this process (the agent runs as
+    // the same user on the same machine), labelled with the node.
+    let kvm = req.series("virt_hypervisor_agent_node_kvm_available");
+    assert_eq!(kvm.len(), 1);
+    assert_eq!(kvm[0].attr("node"), Some("metrics-node"));
+    let here = virt_hypervisor_agent::node::probe_kvm(std::path::Path::new(
+        virt_hypervisor_agent::node::kvm::KVM_DEVICE,
+    ));
+    assert_eq!(
+        kvm[0].value.as_f64(),
+        if here.available() { 1.0 } else { 0.0 },
+        "check here: {here:?}"
     );
 
     // Nothing undeclared is exported.

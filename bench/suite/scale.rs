@@ -287,6 +287,7 @@ pub fn run_scale(
             arch: true,
             hypervisor_version: true,
             pod_uid: true,
+            domain_type: true,
         };
     }
     let reader = PeriodicReader::builder(EncodingExporter(Arc::clone(&probe)))

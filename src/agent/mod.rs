@@ -154,6 +154,15 @@ impl Agent {
             ));
         }
 
+        // Node KVM capability: checked now and at every resync interval, off the event path.
+        let kvm_push = shared.push.clone();
+        tasks.spawn(crate::node::watch_kvm(
+            Arc::clone(&shared.telemetry),
+            move || kvm_push.push(),
+            cfg.libvirt.resync_interval,
+            stop_rx.clone(),
+        ));
+
         // Readiness: after every explicit connection finished its first sync (or failed it).
         let ready_push = shared.push.clone();
         tasks.spawn(async move {

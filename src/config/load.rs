@@ -456,6 +456,7 @@ pub(crate) const SCHEMA: &[Field] = &[
                     req("arch", Kind::Bool),
                     req("hypervisor_version", Kind::Bool),
                     req("pod_uid", Kind::Bool),
+                    req("domain_type", Kind::Bool),
                 ]),
             ),
         ]),

@@ -135,6 +135,8 @@ pub struct OptionalAttributes {
     pub arch: bool,
     pub hypervisor_version: bool,
     pub pod_uid: bool,
+    /// The root `type` of the domain XML, exactly as libvirt reports it.
+    pub domain_type: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

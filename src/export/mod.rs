@@ -17,18 +17,19 @@ pub mod otlp;
 pub mod points;
 pub mod reporting;
 pub mod resource;
+pub mod stdout;
 pub mod telemetry;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry::{StringValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
     Instrument, InstrumentKind, ManualReader, MeterProviderBuilder, Pipeline, SdkMeterProvider,
@@ -46,9 +47,9 @@ pub const METER_NAME: &str = "virt-hypervisor-agent";
 /// Why export could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("building the OTLP exporter failed")]
-    Build(#[source] opentelemetry_otlp::ExporterBuildError),
-    #[error("setting up TLS for the HTTP exporter: {0}")]
+    #[error("building the OTLP exporter failed: {0}")]
+    Build(String),
+    #[error("setting up TLS for the OTLP exporter: {0}")]
     Tls(String),
     #[error("reading TLS file {path}")]
     TlsFile {
@@ -58,35 +59,72 @@ pub enum ExportError {
     },
 }
 
-/// Where collected metrics go. (One per process: boxing the large variant would only add an
-/// indirection to every export.)
+/// Why one export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportFailure {
+    #[error("collecting the metrics failed: {0}")]
+    Collect(String),
+    #[error(transparent)]
+    Send(#[from] otlp::SendError),
+    #[error("writing to stdout failed: {0}")]
+    Stdout(std::io::Error),
+}
+
+/// Where collected metrics go.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-enum Sink {
-    Otlp(reporting::Reporting<opentelemetry_otlp::MetricExporter>),
-    Stdout(opentelemetry_stdout::MetricExporter),
+enum SinkKind {
+    Otlp(Box<otlp::Transport>),
+    Stdout,
+}
+
+/// A sink: the request builder with its staleness markers, the transport, the failure report.
+#[derive(Debug)]
+struct Sink {
+    kind: SinkKind,
+    staleness: Mutex<wire::Staleness>,
+    report: reporting::Reporting,
+}
+
+/// Unix time in nanoseconds.
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl Sink {
-    async fn export(&self, rm: &ResourceMetrics) -> OTelSdkResult {
-        match self {
-            Sink::Otlp(e) => e.export(rm).await,
-            Sink::Stdout(e) => e.export(rm).await,
+    fn new(kind: SinkKind, marker_limit: usize) -> Self {
+        let target = match kind {
+            SinkKind::Otlp(_) => "the collector",
+            SinkKind::Stdout => "stdout",
+        };
+        Self {
+            kind,
+            staleness: Mutex::new(wire::Staleness::new(marker_limit)),
+            report: reporting::Reporting::new(target),
         }
     }
 
-    fn temporality(&self) -> Temporality {
-        match self {
-            Sink::Otlp(e) => e.temporality(),
-            Sink::Stdout(e) => e.temporality(),
-        }
+    fn staleness(&self) -> std::sync::MutexGuard<'_, wire::Staleness> {
+        self.staleness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn shutdown(&self) -> OTelSdkResult {
-        match self {
-            Sink::Otlp(e) => e.shutdown(),
-            Sink::Stdout(e) => e.shutdown(),
+    /// Export one collection: its live points plus the staleness markers owed (new ones only
+    /// when `mark`). Markers are forgotten only once a request carrying them was delivered.
+    async fn export(&self, rm: &ResourceMetrics, mark: bool) -> Result<(), ExportFailure> {
+        let req = self.staleness().request(rm, now_nanos(), mark);
+        let result = match &self.kind {
+            SinkKind::Otlp(t) => t.send(req).await.map_err(ExportFailure::from),
+            SinkKind::Stdout => stdout::write(stdout::render(&req))
+                .await
+                .map_err(ExportFailure::Stdout),
+        };
+        if result.is_ok() {
+            self.staleness().delivered();
         }
+        self.report.record(&result);
+        result
     }
 }
 
@@ -138,12 +176,19 @@ struct Pipe {
 impl Pipe {
     /// Collect everything and export it once. The collected points are not kept between
     /// exports (at 10,000 domains they are a few MB that would otherwise stay resident).
-    async fn export_once(&self) -> OTelSdkResult {
+    /// `mark`: whether series that left since the last export get staleness markers (not in
+    /// the final export at shutdown).
+    async fn export_once(&self, mark: bool) -> Result<(), ExportFailure> {
         let mut rm = ResourceMetrics::default();
-        self.reader.collect(&mut rm)?;
-        self.sink.export(&rm).await
+        self.reader
+            .collect(&mut rm)
+            .map_err(|e| ExportFailure::Collect(e.to_string()))?;
+        self.sink.export(&rm, mark).await
     }
 }
+
+/// First retry delay after a failed export; doubled per failure up to the export interval.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 /// The running export pipeline.
 #[derive(Debug)]
@@ -164,20 +209,22 @@ impl Exporter {
         inventory: Arc<Mutex<Inventory>>,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self, ExportError> {
-        let sink = match cfg.export.exporter {
-            ExporterKind::Otlp => Some(Sink::Otlp(reporting::Reporting::new(otlp::build(
+        let kind = match cfg.export.exporter {
+            ExporterKind::Otlp => Some(SinkKind::Otlp(Box::new(otlp::Transport::build(
                 &cfg.export,
             )?))),
-            ExporterKind::Stdout => {
-                Some(Sink::Stdout(opentelemetry_stdout::MetricExporter::default()))
-            }
+            ExporterKind::Stdout => Some(SinkKind::Stdout),
             ExporterKind::None => None,
         };
-        let pipe = sink.map(|sink| {
-            let reader = SharedReader::new(sink.temporality());
+        // Markers owed are bounded by the series that can leave between two delivered exports:
+        // the info gauge's limit, twice over (a full turnover during an outage), plus the
+        // self-metrics' connection series.
+        let marker_limit = cfg.metric.cardinality_limit.saturating_mul(2).max(1024);
+        let pipe = kind.map(|kind| {
             Arc::new(Pipe {
-                reader,
-                sink,
+                // OTLP's cumulative temporality: every export carries each series' full state.
+                reader: SharedReader::new(Temporality::Cumulative),
+                sink: Sink::new(kind, marker_limit),
                 interval: export_interval(cfg),
             })
         });
@@ -208,8 +255,10 @@ impl Exporter {
         }
     }
 
-    /// Spawn the export task: periodic export, plus push on change unless `debounce` is zero.
-    /// `None` when nothing is exported (`exporter: none`).
+    /// Spawn the export task: periodic export, plus push on change unless `debounce` is zero,
+    /// plus a retry after a failed export (1 s, doubling up to the interval), so the truth and
+    /// the staleness markers owed reach the receiver soon after it is back. `None` when nothing
+    /// is exported (`exporter: none`).
     pub fn spawn_export_task(&self, debounce: Duration) -> Option<tokio::task::JoinHandle<()>> {
         let pipe = Arc::clone(self.pipe.as_ref()?);
         let wake = Arc::clone(&self.wake);
@@ -220,9 +269,12 @@ impl Exporter {
             let start = tokio::time::Instant::now() + pipe.interval;
             let mut tick = tokio::time::interval_at(start, pipe.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut retry_delay = RETRY_FIRST;
+            let mut retry_at: Option<tokio::time::Instant> = None;
             loop {
                 let why = tokio::select! {
                     _ = tick.tick() => "periodic",
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => "retry",
                     _ = wake.notified(), if push_on_change => {
                         // Wait the debounce, unless an urgent push arrives (before or during it).
                         if !urgent.swap(false, Ordering::AcqRel) {
@@ -236,27 +288,36 @@ impl Exporter {
                     }
                 };
                 let started = Instant::now();
-                match pipe.export_once().await {
-                    Ok(()) => tracing::debug!(
-                        why,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "exported"
-                    ),
-                    // The exporter wrapper reports failures (rate-limited).
-                    Err(e) => tracing::debug!(why, error = %e, "export failed"),
+                match pipe.export_once(true).await {
+                    Ok(()) => {
+                        retry_at = None;
+                        retry_delay = RETRY_FIRST;
+                        tracing::debug!(
+                            why,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "exported"
+                        )
+                    }
+                    // The sink reports failures (rate-limited).
+                    Err(e) => {
+                        retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                        retry_delay = (retry_delay * 2).min(pipe.interval.max(RETRY_FIRST));
+                        tracing::debug!(why, error = %e, retry_in = ?retry_delay, "export failed")
+                    }
                 }
             }
         }))
     }
 
     /// Export once more and shut the provider down, bounded by `deadline`. Call after the
-    /// export task has been stopped.
+    /// export task has been stopped. This export marks nothing stale: the VMs still run, and
+    /// their series continue when the agent is back (see the README, "Staleness").
     pub async fn shutdown(mut self, deadline: Duration) {
         let Some(provider) = self.provider.take() else {
             return;
         };
         if let Some(pipe) = self.pipe.take() {
-            match tokio::time::timeout(deadline, pipe.export_once()).await {
+            match tokio::time::timeout(deadline, pipe.export_once(false)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "final export failed"),
                 Err(_) => {
@@ -264,9 +325,6 @@ impl Exporter {
                         "final export did not finish within {deadline:?}; exiting anyway"
                     )
                 }
-            }
-            if let Err(e) = pipe.sink.shutdown() {
-                tracing::debug!(error = %e, "exporter shutdown reported an error");
             }
         }
         if let Err(e) = provider.shutdown() {
@@ -430,6 +488,22 @@ pub fn register_instruments(
         .with_callback(move |obs| {
             for (kind, n) in tel.xml_errors() {
                 obs.observe(n, &[KeyValue::new("kind", kind)]);
+            }
+        })
+        .build();
+
+    // Whether this node can run KVM guests (src/node): one series per agent, exported at every
+    // interval once the first check finished, so it doubles as the agent's heartbeat.
+    let tel = Arc::clone(&telemetry);
+    let node_attr = [KeyValue::new("node", node.to_string())];
+    let _kvm = meter
+        .i64_observable_gauge("virt_hypervisor_agent_node_kvm_available")
+        .with_description(
+            "1 when this node can run KVM guests (/dev/kvm answers the KVM API), else 0",
+        )
+        .with_callback(move |obs| {
+            if let Some(available) = tel.kvm_available() {
+                obs.observe(i64::from(available), &node_attr);
             }
         })
         .build();

@@ -1,22 +1,45 @@
-//! The OTLP metric exporter, gRPC (tonic) or HTTP/protobuf.
+//! The OTLP transport: gRPC (tonic) or HTTP/protobuf (reqwest), sending the requests that
+//! [`super::wire`] builds.
 //!
-//! Settings left unset in the agent's config fall through to the standard variables the SDK
-//! reads itself (`OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, `…HEADERS`, `…TIMEOUT`,
-//! `…COMPRESSION`). The SDK ignores `OTEL_EXPORTER_OTLP_PROTOCOL` once a transport is chosen and
-//! does not implement the TLS certificate variables, so the agent reads those itself.
+//! Why the agent sends its own requests: `opentelemetry-otlp`'s exporters take the SDK's
+//! collection, whose data points cannot carry the `NO_RECORDED_VALUE` flag the staleness
+//! markers need. So the request is built with `opentelemetry-proto` (the same family's protobuf
+//! types and SDK transform) and sent here with tonic (the generated OTLP client) or reqwest.
+//! `opentelemetry-otlp` still supplies the standard variable names and defaults.
 //!
-//! TLS: gRPC uses tonic's rustls (ring) with the web PKI roots plus an optional CA and client
-//! identity. HTTP/protobuf uses an async reqwest client (on the agent's runtime, like tonic)
-//! given a rustls configuration built here the same way (the SDK's default HTTP client has no
-//! TLS compiled in).
+//! Settings left unset in the agent's config fall through to the standard variables, resolved
+//! as the OpenTelemetry SDKs do: `OTEL_EXPORTER_OTLP_METRICS_*` first (an endpoint used
+//! verbatim), then `OTEL_EXPORTER_OTLP_*` (HTTP appends `/v1/metrics` to that endpoint), then
+//! the defaults (`http://localhost:4317`, `http://localhost:4318/v1/metrics`, 10 s, no
+//! compression). Headers from both variables are merged, the config's win. The TLS certificate
+//! variables (`OTEL_EXPORTER_OTLP_CERTIFICATE`, `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read
+//! here too.
+//!
+//! TLS: rustls (ring) with the web PKI roots plus an optional CA and client identity, on both
+//! transports; `https://` turns it on.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::ExportError;
 use crate::config::{Compression, ExportConfig, Protocol};
+
+const ENDPOINT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT;
+const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+const HEADERS: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_HEADERS;
+const METRICS_HEADERS: &str = "OTEL_EXPORTER_OTLP_METRICS_HEADERS";
+const TIMEOUT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT;
+const METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
+const COMPRESSION: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_COMPRESSION;
+const METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
+const GRPC_DEFAULT: &str = "http://localhost:4317";
+const HTTP_DEFAULT_BASE: &str = "http://localhost:4318";
+const HTTP_PATH: &str = "/v1/metrics";
 
 /// The protocol in force: config, else `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else gRPC.
 pub fn protocol(cfg: &ExportConfig) -> Protocol {
@@ -24,7 +47,7 @@ pub fn protocol(cfg: &ExportConfig) -> Protocol {
         return p;
     }
     let var = std::env::var("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .or_else(|_| std::env::var(opentelemetry_otlp::OTEL_EXPORTER_OTLP_PROTOCOL))
         .unwrap_or_default();
     match var.trim() {
         "http/protobuf" | "http" => Protocol::HttpProtobuf,
@@ -32,12 +55,111 @@ pub fn protocol(cfg: &ExportConfig) -> Protocol {
     }
 }
 
+/// Every transport setting, resolved from the config and the environment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub protocol: Protocol,
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub gzip: bool,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
 fn tls_path(cfg: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
-    cfg.clone().or_else(|| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
+    cfg.clone().or_else(|| env(var).map(PathBuf::from))
+}
+
+/// `k=v,k2=v2` as in `OTEL_EXPORTER_OTLP_HEADERS`: keys and values trimmed, values
+/// percent-decoded; malformed pairs are skipped, as the SDKs do.
+fn parse_header_list(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let (k, v) = (k.trim(), v.trim());
+            let v = percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .ok()?
+                .into_owned();
+            (!k.is_empty() && !v.is_empty()).then(|| (k.to_string(), v))
+        })
+        .collect()
+}
+
+impl Settings {
+    pub fn resolve(cfg: &ExportConfig) -> Self {
+        let protocol = protocol(cfg);
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .filter(|e| !e.trim().is_empty())
+            .or_else(|| env(METRICS_ENDPOINT))
+            .or_else(|| {
+                env(ENDPOINT).map(|base| match protocol {
+                    Protocol::Grpc => base,
+                    Protocol::HttpProtobuf => {
+                        format!("{}{HTTP_PATH}", base.trim_end_matches('/'))
+                    }
+                })
+            })
+            .unwrap_or_else(|| match protocol {
+                Protocol::Grpc => GRPC_DEFAULT.to_string(),
+                Protocol::HttpProtobuf => format!("{HTTP_DEFAULT_BASE}{HTTP_PATH}"),
+            });
+        let mut headers: Vec<(String, String)> = Vec::new();
+        let mut set = |k: String, v: String| {
+            headers.retain(|(old, _)| !old.eq_ignore_ascii_case(&k));
+            headers.push((k, v));
+        };
+        for var in [HEADERS, METRICS_HEADERS] {
+            for (k, v) in env(var).map(|t| parse_header_list(&t)).unwrap_or_default() {
+                set(k, v);
+            }
+        }
+        for (k, v) in &cfg.headers {
+            set(k.clone(), v.clone());
+        }
+        let timeout = cfg
+            .timeout
+            .or_else(|| {
+                [METRICS_TIMEOUT, TIMEOUT]
+                    .iter()
+                    .find_map(|v| env(v).and_then(|ms| ms.parse::<u64>().ok()))
+                    .map(Duration::from_millis)
+            })
+            .filter(|t| !t.is_zero())
+            .unwrap_or(crate::config::DEFAULT_EXPORT_TIMEOUT);
+        let gzip = match cfg.compression {
+            Some(c) => c == Compression::Gzip,
+            None => [METRICS_COMPRESSION, COMPRESSION]
+                .iter()
+                .find_map(|v| env(v))
+                .is_some_and(|c| c.eq_ignore_ascii_case("gzip")),
+        };
+        Self {
+            protocol,
+            endpoint,
+            headers,
+            timeout,
+            gzip,
+            ca: tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+            cert: tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+            key: tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+        }
+    }
+
+    fn tls_wanted(&self) -> bool {
+        self.endpoint.starts_with("https://") || self.ca.is_some() || self.cert.is_some()
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
@@ -48,94 +170,217 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
 }
 
 /// Make ring the process-wide rustls crypto provider (idempotent). The agent links reqwest with
-/// `rustls-no-provider` (to share tonic's ring instead of adding aws-lc), so any reqwest client
-/// built without an explicit configuration, such as the SDK's default HTTP client, needs it.
+/// `rustls-no-provider` (to share tonic's ring instead of adding aws-lc), so any rustls user
+/// without an explicit configuration needs it.
 pub fn install_crypto_provider() {
     // Err means a provider is already installed: fine either way.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The settings both transports take the same way; unset ones fall through to the SDK's
-/// `OTEL_EXPORTER_OTLP_*` handling.
-fn endpoint_and_timeout<B: WithExportConfig>(mut b: B, cfg: &ExportConfig) -> B {
-    if let Some(ep) = &cfg.endpoint {
-        b = b.with_endpoint(ep.clone());
-    }
-    if let Some(t) = cfg.timeout {
-        b = b.with_timeout(t);
-    }
-    b
+/// Why one export did not reach the receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("gRPC export to {endpoint} failed: {status}")]
+    Grpc {
+        endpoint: String,
+        status: Box<tonic::Status>,
+    },
+    #[error("HTTP export to {endpoint} failed: {source}")]
+    Request {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("HTTP export to {endpoint} answered {status}: {body}")]
+    Status {
+        endpoint: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("export to {endpoint} did not finish within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("compressing the request failed: {0}")]
+    Compress(std::io::Error),
 }
 
-/// Build the exporter. Must run inside a multi-thread tokio runtime.
-pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
-    install_crypto_provider();
-    let ca = tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE");
-    let cert = tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE");
-    let key = tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY");
-    match protocol(cfg) {
-        Protocol::Grpc => {
-            let mut b = endpoint_and_timeout(MetricExporter::builder().with_tonic(), cfg);
-            if cfg.compression == Some(Compression::Gzip) {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-            }
-            if !cfg.headers.is_empty() {
-                let mut headers = http::HeaderMap::new();
-                for (k, v) in &cfg.headers {
+/// A built transport; cheap to use concurrently (clients are reference-counted).
+#[derive(Debug)]
+pub enum Transport {
+    Grpc {
+        client: MetricsServiceClient<Channel>,
+        metadata: tonic::metadata::MetadataMap,
+        settings: Settings,
+    },
+    Http {
+        client: reqwest::Client,
+        headers: reqwest::header::HeaderMap,
+        settings: Settings,
+    },
+}
+
+impl Transport {
+    /// Build the transport for `cfg`. Must run inside a tokio runtime (the gRPC channel runs
+    /// its connection on it); connects lazily, so a down collector does not fail the start.
+    pub fn build(cfg: &ExportConfig) -> Result<Self, ExportError> {
+        install_crypto_provider();
+        let settings = Settings::resolve(cfg);
+        match settings.protocol {
+            Protocol::Grpc => {
+                let mut ep = Endpoint::from_shared(settings.endpoint.clone())
+                    .map_err(|e| {
+                        ExportError::Build(format!("invalid endpoint {:?}: {e}", settings.endpoint))
+                    })?
+                    .timeout(settings.timeout)
+                    .connect_timeout(settings.timeout);
+                if settings.tls_wanted() {
+                    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+                    if let Some(ca) = &settings.ca {
+                        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+                    }
+                    if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
+                        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                    }
+                    ep = ep
+                        .tls_config(tls)
+                        .map_err(|e| ExportError::Tls(e.to_string()))?;
+                }
+                let mut client = MetricsServiceClient::new(ep.connect_lazy());
+                if settings.gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &settings.headers {
                     match (
-                        http::HeaderName::from_bytes(k.as_bytes()),
-                        http::HeaderValue::from_str(v),
+                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
+                        tonic::metadata::MetadataValue::try_from(v.as_str()),
                     ) {
                         (Ok(name), Ok(value)) => {
-                            headers.insert(name, value);
+                            metadata.insert(name, value);
                         }
                         _ => {
                             tracing::warn!(header = %k, "ignoring export header that is not valid gRPC metadata")
                         }
                     }
                 }
-                let md =
-                    opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
-                b = b.with_metadata(md);
+                Ok(Transport::Grpc {
+                    client,
+                    metadata,
+                    settings,
+                })
             }
-            if ca.is_some() || cert.is_some() {
-                use opentelemetry_otlp::tonic_types::transport::{
-                    Certificate, ClientTlsConfig, Identity,
+            Protocol::HttpProtobuf => {
+                reqwest::Url::parse(&settings.endpoint).map_err(|e| {
+                    ExportError::Build(format!("invalid endpoint {:?}: {e}", settings.endpoint))
+                })?;
+                let mut headers = reqwest::header::HeaderMap::new();
+                for (k, v) in &settings.headers {
+                    match (
+                        reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                        reqwest::header::HeaderValue::from_str(v),
+                    ) {
+                        (Ok(name), Ok(value)) => {
+                            headers.insert(name, value);
+                        }
+                        _ => {
+                            tracing::warn!(header = %k, "ignoring export header that is not a valid HTTP header")
+                        }
+                    }
+                }
+                let identity = match (&settings.cert, &settings.key) {
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    _ => None,
                 };
-                let mut tls = ClientTlsConfig::new().with_webpki_roots();
-                if let Some(ca) = &ca {
-                    tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-                }
-                if let (Some(cert), Some(key)) = (&cert, &key) {
-                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                }
-                b = b.with_tls_config(tls);
+                let client = http_client(settings.ca.clone(), identity, settings.timeout)?;
+                Ok(Transport::Http {
+                    client,
+                    headers,
+                    settings,
+                })
             }
-            b.build().map_err(ExportError::Build)
         }
-        Protocol::HttpProtobuf => {
-            let http = MetricExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-            let mut b = endpoint_and_timeout(http, cfg);
-            if cfg.compression == Some(Compression::Gzip) {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
+    }
+
+    pub fn settings(&self) -> &Settings {
+        match self {
+            Transport::Grpc { settings, .. } | Transport::Http { settings, .. } => settings,
+        }
+    }
+
+    /// Send one request, bounded by the export timeout.
+    pub async fn send(&self, req: ExportMetricsServiceRequest) -> Result<(), SendError> {
+        let s = self.settings();
+        match tokio::time::timeout(s.timeout, self.send_unbounded(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Timeout {
+                endpoint: s.endpoint.clone(),
+                timeout: s.timeout,
+            }),
+        }
+    }
+
+    async fn send_unbounded(&self, req: ExportMetricsServiceRequest) -> Result<(), SendError> {
+        match self {
+            Transport::Grpc {
+                client,
+                metadata,
+                settings,
+            } => {
+                let mut request = tonic::Request::new(req);
+                *request.metadata_mut() = metadata.clone();
+                client
+                    .clone()
+                    .export(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| SendError::Grpc {
+                        endpoint: settings.endpoint.clone(),
+                        status: Box::new(status),
+                    })
             }
-            if !cfg.headers.is_empty() {
-                let headers: HashMap<String, String> = cfg
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
+            Transport::Http {
+                client,
+                headers,
+                settings,
+            } => {
+                let mut body = req.encode_to_vec();
+                let mut post = client
+                    .post(&settings.endpoint)
+                    .headers(headers.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
+                if settings.gzip {
+                    use std::io::Write as _;
+                    let mut enc =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                    enc.write_all(&body).map_err(SendError::Compress)?;
+                    body = enc.finish().map_err(SendError::Compress)?;
+                    post = post.header(reqwest::header::CONTENT_ENCODING, "gzip");
+                }
+                let endpoint = || settings.endpoint.clone();
+                let resp = post
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|source| SendError::Request {
+                        endpoint: endpoint(),
+                        source,
+                    })?;
+                let status = resp.status();
+                if status.is_success() {
+                    return Ok(());
+                }
+                // The receiver's reason, bounded and on one line.
+                let text = resp.text().await.unwrap_or_default();
+                let body: String = text
+                    .chars()
+                    .take(200)
+                    .map(|c| if c.is_control() { ' ' } else { c })
                     .collect();
-                b = b.with_headers(headers);
+                Err(SendError::Status {
+                    endpoint: endpoint(),
+                    status,
+                    body,
+                })
             }
-            let identity = match (&cert, &key) {
-                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-                _ => None,
-            };
-            let timeout = cfg.timeout.unwrap_or(crate::config::DEFAULT_EXPORT_TIMEOUT);
-            b = b.with_http_client(http_client(ca, identity, timeout)?);
-            b.build().map_err(ExportError::Build)
         }
     }
 }
@@ -145,7 +390,7 @@ pub fn build(cfg: &ExportConfig) -> Result<MetricExporter, ExportError> {
 fn http_client(
     ca: Option<PathBuf>,
     identity: Option<(PathBuf, PathBuf)>,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<reqwest::Client, ExportError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -192,4 +437,17 @@ fn http_client(
         .timeout(timeout)
         .build()
         .map_err(|e| ExportError::Tls(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_lists_parse_like_the_sdks() {
+        assert_eq!(
+            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= "),
+            [("a".into(), "1".into()), ("b".into(), "x y".into())]
+        );
+    }
 }

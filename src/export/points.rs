@@ -170,6 +170,13 @@ fn domain_attributes(
             kv.push(KeyValue::new("pod_uid", shared(p)));
         }
     }
+    // The raw root `type`, as libvirt wrote it. Its length is bounded by the parser (a value
+    // longer than `MAX_VALUE_LEN` fails the parse, and the domain is exported without it).
+    if opt.domain_type {
+        if let Some(t) = &d.facts.domain_type {
+            kv.push(KeyValue::new("domain_type", owned(t)));
+        }
+    }
     kv.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     kv
 }
@@ -301,6 +308,89 @@ mod tests {
             pod.contains(&("pod_uid".into(), "pod-b2".into())),
             "{pod:?}"
         );
+    }
+
+    /// A running domain with the given raw root `type` (`None`: the XML could not be read).
+    fn start_typed(inv: &mut Inventory, uuid: &str, id: u32, name: &str, raw: Option<&str>) {
+        inv.add_connection(1);
+        let dom = DomainRef {
+            uuid: uuid.into(),
+            id: Some(id),
+            name: name.into(),
+        };
+        let req = inv.apply_event(1, dom, Lifecycle::Started).unwrap();
+        let outcome = match raw {
+            Some(t) => FetchOutcome::Facts(DomainFacts {
+                domain_type: Some(t.into()),
+                hypervisor_type: HypervisorType::from_domain_type(Some(t)),
+                name: Some(name.into()),
+                uuid: Some(uuid.into()),
+                kubevirt: None,
+                machine: None,
+                arch: None,
+                emulator: None,
+                live: true,
+            }),
+            None => FetchOutcome::Failed,
+        };
+        assert!(inv.apply_fetch(&req, outcome));
+    }
+
+    fn attr_of(points: &[Vec<(String, String)>], name: &str, key: &str) -> Option<String> {
+        let p = points
+            .iter()
+            .find(|p| p.contains(&("name".into(), name.into())))
+            .unwrap();
+        p.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn domain_type_is_the_raw_root_type_and_only_when_switched_on() {
+        let mut inv = Inventory::new();
+        let tel = Telemetry::new();
+        tel.add_connection(1, "qemu:///system", None);
+        start_typed(&mut inv, "u-1", 1, "fast", Some("kvm"));
+        start_typed(&mut inv, "u-2", 2, "slow", Some("qemu"));
+        start_typed(&mut inv, "u-3", 3, "new-backend", Some("hyperv"));
+        start_typed(&mut inv, "u-4", 4, "unreadable", None);
+
+        let mut off = InfoPoints::new("n", OptionalAttributes::default());
+        let points: Vec<_> = off
+            .refresh(inv.snapshot(), tel.connection_meta())
+            .map(as_map)
+            .collect();
+        assert_eq!(points.len(), 4);
+        assert!(points.iter().flatten().all(|(k, _)| k != "domain_type"));
+
+        let opt = OptionalAttributes {
+            domain_type: true,
+            ..OptionalAttributes::default()
+        };
+        let mut on = InfoPoints::new("n", opt);
+        let points: Vec<_> = on
+            .refresh(inv.snapshot(), tel.connection_meta())
+            .map(as_map)
+            .collect();
+        let get = |name, key| attr_of(&points, name, key);
+        assert_eq!(get("fast", "domain_type").as_deref(), Some("kvm"));
+        assert_eq!(get("slow", "domain_type").as_deref(), Some("qemu"));
+        assert_eq!(get("slow", "hypervisor_type").as_deref(), Some("qemu-tcg"));
+        // A type the agent does not classify stays `unknown`, and the raw value says which.
+        assert_eq!(get("new-backend", "domain_type").as_deref(), Some("hyperv"));
+        assert_eq!(
+            get("new-backend", "hypervisor_type").as_deref(),
+            Some("unknown")
+        );
+        // Nothing was read: no raw type to report (omitted, not empty).
+        assert_eq!(get("unreadable", "domain_type"), None);
+        assert_eq!(
+            get("unreadable", "hypervisor_type").as_deref(),
+            Some("unknown")
+        );
+        // Still sorted by key, as the SDK stores attribute sets.
+        for p in &points {
+            assert!(p.windows(2).all(|w| w[0].0 < w[1].0), "{p:?}");
+        }
     }
 
     #[test]

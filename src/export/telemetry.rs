@@ -4,7 +4,7 @@
 //! connections clones nothing.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
     conns: Mutex<Conns>,
+    /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
+    kvm: AtomicU8,
 }
 
 impl Telemetry {
@@ -129,6 +131,20 @@ impl Telemetry {
                 m.last_sync = Some(d);
             }
         })
+    }
+
+    /// Record the result of the node KVM check.
+    pub fn set_kvm_available(&self, available: bool) {
+        self.kvm
+            .store(if available { 2 } else { 1 }, Ordering::Relaxed);
+    }
+
+    /// Whether this node can run KVM guests; `None` until the first check finished.
+    pub fn kvm_available(&self) -> Option<bool> {
+        match self.kvm.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v == 2),
+        }
     }
 
     /// Every connection's state: a shared copy, rebuilt only after a change, so repeated calls

@@ -222,6 +222,12 @@ impl TestDomain {
         Self::define_named(name, virt, Some(identity))
     }
 
+    /// Define a plain domain (no KubeVirt metadata) named `<unique namespace>_<vmi>`: it looks like
+    /// a VMI's name but is exported under its full name until it is given the metadata.
+    pub fn define_vmi_named_plain(vmi: &str, virt: Virt) -> Result<TestDomain> {
+        Self::define_named(format!("{}_{vmi}", unique_base()), virt, None)
+    }
+
     fn define_named(
         name: String,
         virt: Virt,

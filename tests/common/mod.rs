@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod libvirt;
+pub mod pipeline;
 pub mod receiver;
 pub mod reliability;
 pub mod session;
@@ -53,8 +54,23 @@ impl Agent {
     /// inherited `OTEL_*`, `VIRT_HYPERVISOR_AGENT_*` or `NODE_NAME`); stdout and stderr go to one
     /// temporary file.
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Result<Agent> {
+        Self::spawn_wrapped(&[], args, envs)
+    }
+
+    /// Like [`Agent::spawn`], started through `wrapper` (a program and its arguments that ends by
+    /// exec-ing the agent binary, given after them, e.g. `setpriv --reuid=65534 --`), so that the
+    /// child's pid is the agent's.
+    pub fn spawn_wrapped(wrapper: &[&str], args: &[&str], envs: &[(&str, &str)]) -> Result<Agent> {
         let log = tempfile::tempfile().context("create agent log file")?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virt-hypervisor-agent"));
+        let bin = env!("CARGO_BIN_EXE_virt-hypervisor-agent");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

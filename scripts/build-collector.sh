@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Build the minimal OpenTelemetry Collector of otel/builder-config.yaml with the OpenTelemetry
+# Collector Builder (ocb), from the Go module proxy, once; print the binary's path on stdout.
+#
+#   scripts/build-collector.sh            build unless cached, print the path
+#   scripts/build-collector.sh --validate also run `otelcol-vha validate` on the shipped otel/collector.yaml
+#
+# Cache: $VHA_CACHE_DIR (default /var/cache/virt-hypervisor-agent-ci)/otelcol/<key>/otelcol-vha, where
+# the key hashes the manifest and the Go version: a changed manifest builds anew, anything else reuses.
+# Needs Go (1.24+) and the module proxy; the first build takes several minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+MANIFEST=$ROOT/otel/builder-config.yaml
+OCB_VERSION=v0.165.0
+CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/otelcol
+
+log() { printf 'build-collector.sh: %s\n' "$*" >&2; }
+command -v go >/dev/null || { log "ERROR: go not found (the collector is built from the Go module proxy)"; exit 1; }
+
+key=$( (cat "$MANIFEST"; echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
+dir=$CACHE/$key
+bin=$dir/otelcol-vha
+if [[ -x $bin ]]; then
+    log "cached: $bin"
+else
+    mkdir -p "$CACHE"
+    t=$SECONDS
+    work=$(mktemp -d "$CACHE/build.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    log "installing ocb $OCB_VERSION"
+    GOBIN=$CACHE/bin go install "go.opentelemetry.io/collector/cmd/builder@$OCB_VERSION"
+    # Same manifest, output into the scratch dir (ocb takes output_path from the manifest only).
+    sed "s#^\(\s*output_path:\).*#\1 $work/out#" "$MANIFEST" >"$work/manifest.yaml"
+    log "building the collector (first build: several minutes)"
+    (cd "$work" && "$CACHE/bin/builder" --config="$work/manifest.yaml") >"$work/ocb.log" 2>&1 || {
+        tail -n 40 "$work/ocb.log" >&2
+        log "ERROR: ocb failed"
+        exit 1
+    }
+    mkdir -p "$dir.tmp"
+    cp "$work/out/otelcol-vha" "$dir.tmp/otelcol-vha"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    log "built $bin in $((SECONDS - t))s"
+fi
+if [[ ${1:-} == --validate ]]; then
+    "$bin" validate --config="$ROOT/otel/collector.yaml" >&2
+    log "otel/collector.yaml is valid for $("$bin" --version 2>/dev/null | head -n1)"
+fi
+printf '%s\n' "$bin"

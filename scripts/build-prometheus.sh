@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build Prometheus 3 (cmd/prometheus and cmd/promtool) from the Go module proxy, once; print the
+# prometheus binary's path on stdout. Used by the end-to-end tests of the second supported pipeline
+# (agent -> Prometheus's own OTLP receiver, --web.enable-otlp-receiver).
+#
+# The module's go.mod has replace directives, so `go install pkg@version` refuses it: the module is
+# downloaded into the module cache and built from a writable copy of its directory.
+# Cache: $VHA_CACHE_DIR (default /var/cache/virt-hypervisor-agent-ci)/prometheus/<version>-<go>/.
+# The web UI's assets are not built (no npm step): the HTTP API, which the tests use, is complete.
+set -euo pipefail
+VERSION=${VHA_PROMETHEUS_VERSION:-v0.316.0}
+CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/prometheus
+
+log() { printf 'build-prometheus.sh: %s\n' "$*" >&2; }
+command -v go >/dev/null || { log "ERROR: go not found (Prometheus 3 is built from the Go module proxy)"; exit 1; }
+
+key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
+dir=$CACHE/$VERSION-$key
+bin=$dir/prometheus
+if [[ -x $bin ]]; then
+    log "cached: $bin"
+else
+    mkdir -p "$CACHE"
+    t=$SECONDS
+    work=$(mktemp -d "$CACHE/build.XXXXXX")
+    trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
+    log "downloading github.com/prometheus/prometheus@$VERSION"
+    src=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "github.com/prometheus/prometheus@$VERSION" |
+        sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')
+    [[ -d $src ]] || { log "ERROR: module directory not found after download"; exit 1; }
+    cp -r "$src" "$work/src"
+    chmod -R u+w "$work/src"
+    log "building prometheus and promtool (first build: several minutes)"
+    (cd "$work/src" && GOWORK=off GOFLAGS=-mod=mod go build -o "$work/bin/" ./cmd/prometheus ./cmd/promtool) >"$work/build.log" 2>&1 || {
+        tail -n 40 "$work/build.log" >&2
+        log "ERROR: go build failed"
+        exit 1
+    }
+    mkdir -p "$dir.tmp"
+    cp "$work/bin/prometheus" "$work/bin/promtool" "$dir.tmp/"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    log "built $bin in $((SECONDS - t))s"
+fi
+printf '%s\n' "$bin"

@@ -1,0 +1,451 @@
+//! The user's side of the pipeline as real processes: the minimal OpenTelemetry Collector built from
+//! `otel/builder-config.yaml` running the shipped `otel/collector.yaml` unchanged (ports through its
+//! `${env:…}` variables), Prometheus 2.42 from Debian with its remote-write receiver, or Prometheus 3
+//! (built from the Go module proxy) with its own OTLP receiver, and PromQL instant queries at "now"
+//! through Prometheus's HTTP API.
+//!
+//! Binaries: `$VHA_OTELCOL_BIN` / `$VHA_PROMETHEUS3_BIN` when set (scripts/test.sh sets them), else the
+//! cached builds of `scripts/build-collector.sh` / `scripts/build-prometheus.sh` (built on first use).
+//! Every process is stopped by its PID when its handle drops; its log is printed if the test fails.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::session::free_port;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A binary from `var`, else the path a build script prints (the script caches its build).
+fn binary(var: &str, script: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let out = Command::new("bash")
+        .arg(format!("{ROOT}/scripts/{script}"))
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run scripts/{script}"))?;
+    if !out.status.success() {
+        bail!("scripts/{script} failed ({})", out.status);
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(PathBuf::from(path))
+}
+
+pub fn collector_binary() -> Result<PathBuf> {
+    binary("VHA_OTELCOL_BIN", "build-collector.sh")
+}
+
+pub fn prometheus3_binary() -> Result<PathBuf> {
+    binary("VHA_PROMETHEUS3_BIN", "build-prometheus.sh")
+}
+
+/// A child process with its log in a file; SIGTERM (then SIGKILL) on drop.
+#[derive(Debug)]
+struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Proc {
+            name,
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.seek(SeekFrom::Start(0));
+            let _ = f.read_to_string(&mut text);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(c) = &mut self.child {
+            if let Some(st) = c.try_wait()? {
+                bail!("{} exited ({st}):\n{}", self.name, self.log_tail(40));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM by PID, wait up to 10 s, then SIGKILL.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log (last 40 lines) ----\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// Wait until `url` answers 200 (bounded).
+fn wait_ready(url: &str, proc: &mut Proc, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        proc.check_running()?;
+        if let Ok(resp) = ureq::get(url).call() {
+            if resp.status() == 200 {
+                return Ok(start.elapsed());
+            }
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "{} not ready at {url} within {timeout:?}:\n{}",
+                proc.name,
+                proc.log_tail(40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The collector running the shipped `otel/collector.yaml`, remote-writing to `remote_write`.
+#[derive(Debug)]
+pub struct Collector {
+    proc: Proc,
+    grpc: u16,
+    http: u16,
+    health: u16,
+    telemetry: u16,
+    remote_write: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Collector {
+    pub fn start(remote_write: &str) -> Result<Collector> {
+        let dir = tempfile::tempdir()?;
+        let mut c = Collector {
+            proc: Proc {
+                name: "otelcol-vha",
+                child: None,
+                log: dir.path().join("collector.log"),
+            },
+            grpc: free_port()?,
+            http: free_port()?,
+            health: free_port()?,
+            telemetry: free_port()?,
+            remote_write: remote_write.to_string(),
+            _dir: dir,
+        };
+        c.restart()?;
+        Ok(c)
+    }
+
+    /// (Re)start on the same ports.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.stop();
+        let mut cmd = Command::new(collector_binary()?);
+        cmd.arg(format!("--config={ROOT}/otel/collector.yaml"))
+            .env(
+                "OTELCOL_OTLP_GRPC_ENDPOINT",
+                format!("127.0.0.1:{}", self.grpc),
+            )
+            .env(
+                "OTELCOL_OTLP_HTTP_ENDPOINT",
+                format!("127.0.0.1:{}", self.http),
+            )
+            .env(
+                "OTELCOL_HEALTH_ENDPOINT",
+                format!("127.0.0.1:{}", self.health),
+            )
+            .env("OTELCOL_TELEMETRY_PORT", self.telemetry.to_string())
+            .env("PROMETHEUS_REMOTE_WRITE_URL", &self.remote_write);
+        let log = self.proc.log.clone();
+        self.proc = Proc::spawn("otelcol-vha", cmd, log)?;
+        let url = format!("http://127.0.0.1:{}/", self.health);
+        wait_ready(&url, &mut self.proc, Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    pub fn http_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/metrics", self.http)
+    }
+
+    pub fn check_running(&mut self) -> Result<()> {
+        self.proc.check_running()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}
+
+/// Which Prometheus, receiving how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Debian's 2.42 with `--web.enable-remote-write-receiver` (behind the collector).
+    RemoteWrite,
+    /// Prometheus 3 with `--web.enable-otlp-receiver` (the agent sends to it directly).
+    Otlp,
+}
+
+/// One sample of an instant query's vector result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// A Prometheus server with its own storage and port; extra scrape configs may be given.
+#[derive(Debug)]
+pub struct Prometheus {
+    proc: Proc,
+    flavor: Flavor,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(flavor: Flavor) -> Result<Prometheus> {
+        Self::start_with_scrapes(flavor, "")
+    }
+
+    /// `scrapes`: YAML items appended under `scrape_configs:` (indented two spaces).
+    pub fn start_with_scrapes(flavor: Flavor, scrapes: &str) -> Result<Prometheus> {
+        let dir = tempfile::tempdir()?;
+        let cfg = format!(
+            "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\nscrape_configs:\n{}",
+            if scrapes.is_empty() {
+                "  []\n"
+            } else {
+                scrapes
+            }
+        );
+        let cfg = cfg.replace("scrape_configs:\n  []\n", "scrape_configs: []\n");
+        std::fs::write(dir.path().join("prometheus.yml"), cfg)?;
+        let mut p = Prometheus {
+            proc: Proc {
+                name: "prometheus",
+                child: None,
+                log: dir.path().join("prometheus.log"),
+            },
+            flavor,
+            port: free_port()?,
+            dir,
+        };
+        p.restart()?;
+        Ok(p)
+    }
+
+    /// (Re)start on the same port and storage (the TSDB and its WAL survive).
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.stop();
+        let (bin, receiver) = match self.flavor {
+            Flavor::RemoteWrite => (
+                PathBuf::from("/usr/bin/prometheus"),
+                "--web.enable-remote-write-receiver",
+            ),
+            Flavor::Otlp => (prometheus3_binary()?, "--web.enable-otlp-receiver"),
+        };
+        let d = self.dir.path();
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!(
+            "--config.file={}",
+            d.join("prometheus.yml").display()
+        ))
+        .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
+        .arg("--storage.tsdb.retention.time=2h")
+        .arg(receiver);
+        let log = self.proc.log.clone();
+        self.proc = Proc::spawn("prometheus", cmd, log)?;
+        let url = format!("{}/-/ready", self.url());
+        wait_ready(&url, &mut self.proc, Duration::from_secs(60))?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn remote_write_url(&self) -> String {
+        format!("{}/api/v1/write", self.url())
+    }
+
+    /// The OTLP/HTTP metrics endpoint of Prometheus 3.
+    pub fn otlp_endpoint(&self) -> String {
+        format!("{}/api/v1/otlp/v1/metrics", self.url())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn check_running(&mut self) -> Result<()> {
+        self.proc.check_running()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+
+    /// An instant query at "now"; the vector result's samples.
+    pub fn query(&self, promql: &str) -> Result<Vec<Sample>> {
+        let mut resp = ureq::get(&format!("{}/api/v1/query", self.url()))
+            .query("query", promql)
+            .call()
+            .with_context(|| format!("query {promql:?}"))?;
+        let body: serde_json::Value = resp.body_mut().read_json()?;
+        if body["status"] != "success" {
+            bail!("query {promql:?}: {body}");
+        }
+        let result = &body["data"]["result"];
+        if body["data"]["resultType"] == "scalar" {
+            let v = result[1]
+                .as_str()
+                .ok_or_else(|| anyhow!("bad scalar {result}"))?;
+            return Ok(vec![Sample {
+                labels: BTreeMap::new(),
+                value: v.parse()?,
+            }]);
+        }
+        let mut out = Vec::new();
+        for s in result
+            .as_array()
+            .ok_or_else(|| anyhow!("not a vector: {body}"))?
+        {
+            let labels = s["metric"]
+                .as_object()
+                .ok_or_else(|| anyhow!("bad sample {s}"))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let v = s["value"][1]
+                .as_str()
+                .ok_or_else(|| anyhow!("bad sample {s}"))?;
+            out.push(Sample {
+                labels,
+                value: v.parse()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Poll `promql` (every 50 ms) until `cond` holds on its result; how long that took after
+    /// `since`, or an error with the last result.
+    pub fn wait_for<F>(
+        &self,
+        promql: &str,
+        since: Instant,
+        timeout: Duration,
+        mut cond: F,
+    ) -> Result<Duration>
+    where
+        F: FnMut(&[Sample]) -> bool,
+    {
+        let mut last = Vec::new();
+        loop {
+            match self.query(promql) {
+                Ok(r) => {
+                    if cond(&r) {
+                        return Ok(since.elapsed());
+                    }
+                    last = r;
+                }
+                Err(e) => eprintln!("query failed (retrying): {e:#}"),
+            }
+            if since.elapsed() > timeout {
+                bail!(
+                    "{promql:?}: condition not met within {timeout:?}; last result: {}",
+                    describe(&last)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One line per sample, for failure messages.
+pub fn describe(samples: &[Sample]) -> String {
+    if samples.is_empty() {
+        return "(empty)".into();
+    }
+    samples
+        .iter()
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            format!("{{{}}} {}", labels.join(", "), s.value)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
