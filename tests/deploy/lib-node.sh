@@ -195,13 +195,14 @@ cached_root() {
 
 # ---------------------------------------------------------------- OTLP receiver on the host
 # otlp_receiver_start DIR GRPC_PORT HTTP_PORT: start an OTLP receiver on 127.0.0.1 that prints every
-# data point (debug exporter, verbosity detailed) to $RECEIVER_LOG. The project's minimal
-# OpenTelemetry Collector (scripts/build-collector.sh, cached) when the repository has it or
-# VHA_OTELCOL names a binary; otherwise Rotel, an independent Rust collector shipped in a PyPI wheel,
-# which prints the same format. Sets RECEIVER_PID, RECEIVER_LOG, RECEIVER_KIND.
+# data point (debug exporter, verbosity detailed) to $RECEIVER_LOG: the project's minimal
+# OpenTelemetry Collector, from VHA_OTELCOL or VHA_OTELCOL_BIN (set by scripts/test.sh) or else
+# scripts/build-collector.sh (cached); without that script, Rotel, an independent Rust collector
+# shipped in a PyPI wheel, which prints the same format. Sets RECEIVER_PID, RECEIVER_LOG,
+# RECEIVER_KIND.
 ROTEL_VERSION=0.0.1a15
 otlp_receiver_start() {
-    local dir=$1 grpc=$2 http=$3 bin=${VHA_OTELCOL:-}
+    local dir=$1 grpc=$2 http=$3 bin=${VHA_OTELCOL:-${VHA_OTELCOL_BIN:-}}
     RECEIVER_LOG=$dir/receiver.log
     if [[ -z $bin && -f $DEPLOY_ROOT/scripts/build-collector.sh ]]; then
         bin=$(bash "$DEPLOY_ROOT/scripts/build-collector.sh") || node_fail "scripts/build-collector.sh failed"
