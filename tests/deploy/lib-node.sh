@@ -11,12 +11,17 @@
 #   root-nspawn-<hash>/    Debian 12 minbase + systemd + libvirt daemon + QEMU (booted by nspawn)
 #   root-runtime-<hash>/   Debian 12 minbase, trimmed like debian:bookworm-slim (podman base)
 #   cargo-deb/             `cargo install --root` of cargo-deb
+#   cargo-target/          CARGO_TARGET_DIR of the release build packaged by scripts/package.sh
 # Podman images are kept in podman's own storage, labelled with their recipe hash.
 
 # shellcheck source=tests/deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 VHA_CACHE_DIR=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}
+# The release build behind the package goes to a target dir in the cache, not the clone's target/:
+# CI starts from a clean clone, and would otherwise rebuild every dependency in release mode each
+# run (17 min of the first, cold run here on a loaded machine). cargo-deb honours it.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$VHA_CACHE_DIR/cargo-target}
 DEBIAN_MIRROR=${VHA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 CARGO_DEB_VERSION=3.8.0
