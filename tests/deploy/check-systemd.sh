@@ -4,7 +4,7 @@
 #   2. `systemd-analyze security --offline=true` exposure score <= MAX_EXPOSURE (default 2.0).
 # Works without a running systemd (no PID 1 needed).
 #
-# verify checks that ExecStart= points at an executable. When /usr/local/bin/virt-hypervisor-agent
+# verify checks that ExecStart= points at an executable. When /usr/bin/virt-hypervisor-agent
 # is not installed (the usual case on a build machine), the unit is verified as a copy whose
 # ExecStart= path (and nothing else) is replaced by a stub executable in a temp dir; the script
 # says so. Set VHA_AGENT_BIN=/path/to/binary to verify against a real build instead.
@@ -15,7 +15,7 @@ root=$(cd "$here/../.." && pwd)
 unit_src="${VHA_UNIT:-$root/deploy/systemd/virt-hypervisor-agent.service}"
 env_src="$root/deploy/systemd/virt-hypervisor-agent.default"
 max_exposure="${MAX_EXPOSURE:-2.0}"
-installed_bin=/usr/local/bin/virt-hypervisor-agent
+installed_bin=/usr/bin/virt-hypervisor-agent
 
 command -v systemd-analyze >/dev/null || { echo "check-systemd: systemd-analyze not found (apt-get install systemd)" >&2; exit 1; }
 [[ -f "$unit_src" ]] || { echo "check-systemd: missing $unit_src" >&2; exit 1; }
