@@ -6,6 +6,11 @@
 #   bash bench/run.sh --write    same, then replace the generated section of BENCHMARKS.md
 #   bash bench/run.sh --quick    a few minutes, tiny sizes: checks the machinery, numbers meaningless
 #   bash bench/run.sh --report   only rebuild the tables from the last results in bench/out
+#   bash bench/run.sh --promql   only the PromQL benchmarks of issue 10 (about 8 minutes): visibility
+#                                of starts/stops through collector -> Prometheus 2.42, Prometheus 3 OTLP
+#                                and the peer; fleet cost (bytes, requests, collector CPU per agent).
+#                                Prints the tables, writes bench/out/promql-visibility.json and
+#                                fleet-cost.json (tests/bench_promql.rs).
 #
 # Environment (optional): BENCH_SIZES (idle N list, default 10,50,100), BENCH_IDLE_SECS (60),
 # BENCH_TRANSITIONS (100), BENCH_PEER_TRANSITIONS (50), BENCH_SCRAPE_SECS (15), BENCH_SYNC_RUNS (5),
@@ -33,6 +38,7 @@ for arg in "$@"; do
     --quick) MODE=quick ;;
     --write) WRITE=1 ;;
     --report) MODE=report ;;
+    --promql) MODE=promql ;;
     -h | --help)
         sed -n "2,28p" "$0"
         exit 0
@@ -124,6 +130,14 @@ if ((${#need[@]})); then
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+if [[ $MODE == promql ]]; then
+    # Private session daemon, collector and both Prometheus versions are started by the test itself
+    # (and stopped by PID); one test at a time so that the two benchmarks never share the CPU.
+    log "PromQL benchmarks: cargo test --release --test bench_promql -- --ignored --nocapture --test-threads=1"
+    VHA_BENCH_OUT=$OUT cargo test --release -q --test bench_promql -- --ignored --nocapture --test-threads=1
+    exit 0
 fi
 
 LIBVIRTD=none

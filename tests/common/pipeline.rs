@@ -227,6 +227,11 @@ impl Collector {
         format!("http://127.0.0.1:{}/v1/metrics", self.http)
     }
 
+    /// The collector's own metrics (Prometheus text format, `otelcol_*`).
+    pub fn telemetry_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.telemetry)
+    }
+
     pub fn check_running(&mut self) -> Result<()> {
         self.proc.check_running()
     }
