@@ -397,6 +397,14 @@ fn scenario(transport: Transport) {
     let obs = h.expect("destroy -> series gone", since, |s| !present(s, &pre));
     check_series(transport, &obs, &tcg);
     check_series(transport, &obs, &kv);
+    // It is gone because the request ends it: a staleness marker (NO_RECORDED_VALUE, no value)
+    // for exactly its attribute set, on both transports.
+    let markers = obs.request.stale_series(METRIC);
+    assert!(
+        present(&markers, &pre),
+        "[{transport}] no staleness marker for the destroyed domain; markers:\n{}",
+        describe(&markers)
+    );
 
     let since = at(kv.destroy(), "destroy kubevirt domain");
     h.expect("destroy KubeVirt domain -> series gone", since, |s| {

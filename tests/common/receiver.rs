@@ -45,7 +45,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, NumberDataPoint};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, DataPointFlags, NumberDataPoint,
+};
 use prost::Message;
 
 /// Largest request accepted (a 20,000-VM export is a few MiB).
@@ -176,8 +178,20 @@ impl Recorded {
             .any(|m| m.name == name)
     }
 
-    /// The number points (gauge or sum) of `name` in this request; empty when the metric is absent.
+    /// The live number points (gauge or sum) of `name` in this request: what a Prometheus behind
+    /// it would hold. A point flagged `NO_RECORDED_VALUE` is a staleness marker, the end of its
+    /// series, and is not among them (see [`Recorded::stale_series`]). Empty when the metric is
+    /// absent.
     pub fn series(&self, name: &str) -> Vec<Series> {
+        self.points(name, false)
+    }
+
+    /// The staleness markers (points flagged `NO_RECORDED_VALUE`) of `name` in this request.
+    pub fn stale_series(&self, name: &str) -> Vec<Series> {
+        self.points(name, true)
+    }
+
+    fn points(&self, name: &str, stale: bool) -> Vec<Series> {
         let mut out = Vec::new();
         for rm in &self.request.resource_metrics {
             let resource = rm
@@ -197,7 +211,10 @@ impl Recorded {
                         Some(metric::Data::Sum(s)) => &s.data_points,
                         _ => &[],
                     };
-                    out.extend(points.iter().map(|p| Series {
+                    let flagged = |p: &&NumberDataPoint| {
+                        (p.flags & DataPointFlags::NoRecordedValueMask as u32 != 0) == stale
+                    };
+                    out.extend(points.iter().filter(flagged).map(|p| Series {
                         attributes: attributes(&p.attributes),
                         value: match p.value {
                             Some(number_data_point::Value::AsInt(v)) => Value::Int(v),
