@@ -45,6 +45,9 @@ struct SeriesKey {
     attrs: Box<[u8]>,
 }
 
+/// `None` for a gauge; a sum's aggregation temporality and monotonicity otherwise.
+type SumKind = Option<(i32, bool)>;
+
 /// The metric a marker belongs to, as it must appear in the request.
 #[derive(Clone, Debug, PartialEq)]
 struct Shape {
@@ -52,8 +55,7 @@ struct Shape {
     name: String,
     description: String,
     unit: String,
-    /// `None` for a gauge; the sum's temporality and monotonicity otherwise.
-    sum: Option<(i32, bool)>,
+    sum: SumKind,
 }
 
 #[derive(Clone, Debug)]
@@ -255,6 +257,19 @@ fn same_kind(m: &Metric, shape: &Shape) -> bool {
     }
 }
 
+/// A gauge's or sum's data points, with the sum's temporality and monotonicity (`None` for a
+/// gauge); `None` for any other kind of metric.
+fn number_points(m: &Metric) -> Option<(&[NumberDataPoint], SumKind)> {
+    match &m.data {
+        Some(Data::Gauge(g)) => Some((&g.data_points, None)),
+        Some(Data::Sum(s)) => Some((
+            &s.data_points,
+            Some((s.aggregation_temporality, s.is_monotonic)),
+        )),
+        _ => None,
+    }
+}
+
 /// Every number series in `req` with what a marker for it needs.
 fn series_of(req: &ExportMetricsServiceRequest) -> HashMap<SeriesKey, Series> {
     let mut out = HashMap::new();
@@ -262,13 +277,8 @@ fn series_of(req: &ExportMetricsServiceRequest) -> HashMap<SeriesKey, Series> {
         for sm in &rm.scope_metrics {
             let scope = sm.scope.clone().unwrap_or_default();
             for m in &sm.metrics {
-                let (points, sum) = match &m.data {
-                    Some(Data::Gauge(g)) => (&g.data_points, None),
-                    Some(Data::Sum(s)) => (
-                        &s.data_points,
-                        Some((s.aggregation_temporality, s.is_monotonic)),
-                    ),
-                    _ => continue,
+                let Some((points, sum)) = number_points(m) else {
+                    continue;
                 };
                 let metric = Arc::new((scope.name.clone(), m.name.clone()));
                 let shape = Arc::new(Shape {
@@ -338,10 +348,8 @@ pub fn points(req: &ExportMetricsServiceRequest) -> Vec<PointView> {
     for rm in &req.resource_metrics {
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
-                let points = match &m.data {
-                    Some(Data::Gauge(g)) => &g.data_points,
-                    Some(Data::Sum(s)) => &s.data_points,
-                    _ => continue,
+                let Some((points, _)) = number_points(m) else {
+                    continue;
                 };
                 for p in points {
                     let mut attrs: Vec<(String, String)> = p
