@@ -262,6 +262,21 @@ fn malformed() -> Vec<Case> {
             ],
         ),
         (
+            "zero event backlog",
+            yaml("libvirt:\n  event_backlog: 0\n"),
+            &["libvirt.event_backlog", "0", "1 to 1048576"],
+        ),
+        (
+            "huge event backlog from env",
+            env(&[("VIRT_HYPERVISOR_AGENT_LIBVIRT__EVENT_BACKLOG", "99999999")]),
+            &[
+                "libvirt.event_backlog",
+                "99999999",
+                "1 to 1048576",
+                "VIRT_HYPERVISOR_AGENT_LIBVIRT__EVENT_BACKLOG",
+            ],
+        ),
+        (
             "zero keepalive count",
             yaml("libvirt:\n  keepalive_count: 0\n"),
             &["libvirt.keepalive_count", "0", "keepalive_interval to 0s"],

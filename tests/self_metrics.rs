@@ -12,11 +12,12 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 10] = [
+const DECLARED: [&str; 11] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
     "virt_hypervisor_agent_lifecycle_events",
+    "virt_hypervisor_agent_lifecycle_events_dropped",
     "virt_hypervisor_agent_xml_errors",
     "virt_hypervisor_agent_reconnects",
     "virt_hypervisor_agent_last_sync_duration",
@@ -118,6 +119,11 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
         errors.values().all(|v| *v == 0.0),
         "no XML error on the demo node: {errors:?}"
     );
+
+    // No event was dropped: the demo node's backlog never fills.
+    let dropped = req.series("virt_hypervisor_agent_lifecycle_events_dropped");
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].value.as_f64(), 0.0);
 
     // The node's KVM capability: what the same check says in this process (the agent runs as
     // the same user on the same machine), labelled with the node.

@@ -226,3 +226,75 @@ fn rapid_start_stop_bursts_leave_no_phantom() {
         doms.iter().all(|(n, _)| find(inv, n).is_none())
     });
 }
+
+/// A full event backlog drops events, counts them and resyncs the connection, and the inventory
+/// still ends as the driver's truth. The periodic resync is off, so only the overflow's resync
+/// can heal a dropped transition. With a backlog of 1, a burst of transitions from a second
+/// connection fills it. Each burst ends by destroying every domain back-to-back, so a dropped
+/// `Stopped` leaves a phantom that only the resync removes; bursts repeat until one of those
+/// final phases dropped an event (at most 20).
+#[test]
+fn a_full_event_backlog_is_counted_and_healed_by_a_resync() {
+    let mut cfg = AgentConfig::default();
+    cfg.libvirt.uris = vec![URI.to_string()];
+    cfg.libvirt.resync_interval = Duration::ZERO;
+    cfg.libvirt.event_backlog = 1;
+    cfg.export.exporter = ExporterKind::None;
+    cfg.node_name = "overflow-node".into();
+    let agent = InProcess::start(cfg);
+    let inv = &agent.inventory;
+    wait_until("initial sync", Duration::from_secs(10), || {
+        find(inv, "test").is_some()
+    });
+
+    let conn = controller();
+    let doms: Vec<(String, virt::domain::Domain)> = (0..24)
+        .map(|_| {
+            let (name, uuid) = unique("burst");
+            let dom = conn
+                .define_domain_xml(&domain_xml(&name, &uuid, "kvm", None))
+                .unwrap();
+            (name, dom)
+        })
+        .collect();
+    let dropped = || agent.telemetry.dropped_events();
+    let mut bursts = 0;
+    let (mut in_bursts, mut in_final) = (0, 0);
+    while in_final == 0 && bursts < 20 {
+        bursts += 1;
+        let start = dropped();
+        for (_, d) in &doms {
+            d.create().unwrap();
+        }
+        for _ in 0..3 {
+            for (_, d) in &doms {
+                d.suspend().unwrap();
+                d.resume().unwrap();
+            }
+        }
+        // Let the agent drain the flood, so that what it drops next is the final phase's.
+        std::thread::sleep(Duration::from_millis(100));
+        let before_final = dropped();
+        for (_, d) in &doms {
+            d.destroy().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        in_bursts += dropped() - start;
+        in_final = dropped() - before_final;
+    }
+    println!("{bursts} burst(s): {in_bursts} event(s) dropped, {in_final} in the final phase");
+    assert!(
+        in_final > 0,
+        "20 bursts never dropped a Stopped event with a backlog of 1: the overflow path was not exercised"
+    );
+
+    let t = wait_until(
+        "the inventory holds none of the destroyed domains after the overflow's resync",
+        Duration::from_secs(10),
+        || doms.iter().all(|(name, _)| find(inv, name).is_none()),
+    );
+    println!("inventory equal to the driver's state {t:?} after the last burst");
+    for (_, d) in &doms {
+        d.undefine().unwrap();
+    }
+}

@@ -341,13 +341,14 @@ impl Connection {
         // `keepalive_interval: 0s` disables keepalive.
         let keepalive = (!cfg.keepalive_interval.is_zero())
             .then_some((cfg.keepalive_interval, cfg.keepalive_count));
+        let backlog = cfg.event_backlog;
         let mut first_error = None;
         for uri in std::iter::once(&spec.uri).chain(spec.fallback_uri.iter()) {
             let u = uri.clone();
             let opened = self
                 .ctx
                 .calls
-                .open(move || libvirt::open(&u, keepalive))
+                .open(move || libvirt::open(&u, keepalive, backlog))
                 .await;
             match opened {
                 Ok((w, feeds)) => {
@@ -396,7 +397,9 @@ impl Connection {
                     return Ended::Lost;
                 }
                 _ = session.feeds.overflow.notified() => {
-                    tracing::warn!(connection = %ctx.spec.label, backlog = crate::source::EVENT_BACKLOG, "lifecycle events dropped (backlog full); resyncing");
+                    let dropped = session.feeds.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+                    ctx.shared.telemetry.count_dropped_events(dropped);
+                    tracing::warn!(connection = %ctx.spec.label, dropped, backlog = ctx.shared.cfg.libvirt.event_backlog, "lifecycle events dropped (backlog full); resyncing");
                     session.want_resync(&ctx);
                 }
                 Some(done) = session.tasks.join_next_with_id(), if !session.tasks.is_empty() => {

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 pub const MAX_FETCH_CONCURRENCY: usize = 1024;
+/// Each queued event holds a libvirt domain reference.
+pub const MAX_EVENT_BACKLOG: usize = 1_048_576;
 /// libvirt takes the count as a C `int`.
 pub const MAX_KEEPALIVE_COUNT: u32 = i32::MAX as u32;
 pub const MAX_CARDINALITY_LIMIT: usize = 10_000_000;

@@ -23,7 +23,7 @@ mod validate;
 mod walk;
 pub use error::{ConfigError, Origin};
 pub use limits::{
-    MAX_CARDINALITY_LIMIT, MAX_CONFIG_BYTES, MAX_DEBOUNCE, MAX_EXPORT_INTERVAL,
+    MAX_CARDINALITY_LIMIT, MAX_CONFIG_BYTES, MAX_DEBOUNCE, MAX_EVENT_BACKLOG, MAX_EXPORT_INTERVAL,
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
 pub use load::{load, LoadOptions, ENV_CONFIG_PATH};
@@ -40,6 +40,7 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
+pub const DEFAULT_EVENT_BACKLOG: usize = 1024;
 pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -98,6 +99,9 @@ pub struct LibvirtConfig {
     pub fetch_timeout: Duration,
     /// How many libvirt calls (fetches, listings) may run at once on one connection.
     pub fetch_concurrency: usize,
+    /// Lifecycle events queued per connection; when full, new ones are dropped (counted) and
+    /// the connection is resynced instead.
+    pub event_backlog: usize,
     /// Periodic full resync; `0s` disables it.
     #[serde(with = "humantime_serde")]
     pub resync_interval: Duration,
@@ -228,6 +232,7 @@ impl Default for LibvirtConfig {
             keepalive_count: DEFAULT_KEEPALIVE_COUNT,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             fetch_concurrency: DEFAULT_FETCH_CONCURRENCY,
+            event_backlog: DEFAULT_EVENT_BACKLOG,
             resync_interval: DEFAULT_RESYNC_INTERVAL,
             reconnect: ReconnectConfig::default(),
             discover: DiscoverConfig::default(),

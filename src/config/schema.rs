@@ -2,7 +2,9 @@
 //! schema walk checks and coerces) and whether it is optional. Kept in step with the structs by
 //! a unit test.
 
-use super::limits::{MAX_CARDINALITY_LIMIT, MAX_FETCH_CONCURRENCY, MAX_KEEPALIVE_COUNT};
+use super::limits::{
+    MAX_CARDINALITY_LIMIT, MAX_EVENT_BACKLOG, MAX_FETCH_CONCURRENCY, MAX_KEEPALIVE_COUNT,
+};
 use super::ENV_PREFIX;
 
 pub(super) const DURATION_ALLOWED: &str = "expected a number with a unit like 250ms, 30s, 5m";
@@ -84,6 +86,7 @@ pub(crate) const SCHEMA: &[Field] = &[
             ),
             req("fetch_timeout", Kind::Duration),
             req("fetch_concurrency", usize_in(1, MAX_FETCH_CONCURRENCY)),
+            req("event_backlog", usize_in(1, MAX_EVENT_BACKLOG)),
             req("resync_interval", Kind::Duration),
             req(
                 "reconnect",

@@ -179,6 +179,14 @@ impl AgentConfig {
                 format!("expected a whole number from 1 to {MAX_FETCH_CONCURRENCY}"),
             ));
         }
+        if !(1..=MAX_EVENT_BACKLOG).contains(&lv.event_backlog) {
+            errs.push(ConfigError::invalid(
+                "libvirt.event_backlog",
+                "value",
+                lv.event_backlog.to_string(),
+                format!("expected a whole number from 1 to {MAX_EVENT_BACKLOG}"),
+            ));
+        }
         let resync = lv.resync_interval;
         if !resync.is_zero() {
             check_range(

@@ -503,6 +503,15 @@ pub fn register_instruments(
         })
         .build();
 
+    let tel = Arc::clone(&telemetry);
+    let _dropped = meter
+        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events_dropped")
+        .with_description(
+            "Lifecycle events dropped because a connection's backlog (libvirt.event_backlog) was full; each drop triggers a resync of that connection",
+        )
+        .with_callback(move |obs| obs.observe(tel.dropped_events(), &[]))
+        .build();
+
     // Whether this node can run KVM guests (src/node): one series per agent, exported at every
     // interval once the first check finished, so it doubles as the agent's heartbeat.
     let tel = Arc::clone(&telemetry);

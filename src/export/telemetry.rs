@@ -41,6 +41,8 @@ struct Conns {
 pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
+    /// Lifecycle events dropped because a connection's backlog was full.
+    dropped_events: AtomicU64,
     conns: Mutex<Conns>,
     /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
     kvm: AtomicU8,
@@ -63,6 +65,15 @@ impl Telemetry {
             .position(|e| *e == ev)
             .map(|i| self.events[i].load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Count lifecycle events dropped on a full backlog (each one triggered a resync).
+    pub fn count_dropped_events(&self, n: u64) {
+        self.dropped_events.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped_events.load(Ordering::Relaxed)
     }
 
     /// Count an XML error of `kind` (one of [`XML_ERROR_KINDS`]).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -11,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use virt::error::ErrorNumber;
 
 use super::ffi::{DomainHandle, RawLifecycle, Watched};
-use super::{CloseReason, Feeds, SourceEvent, EVENT_BACKLOG};
+use super::{CloseReason, Feeds, SourceEvent};
 use crate::domain::{parse_domain_xml, DomainFacts, Wants, XmlError};
 use crate::inventory::{DomainRef, Lifecycle};
 
@@ -30,15 +31,19 @@ pub enum LibvirtError {
     Closed,
 }
 
-/// Open `uri` read-only, register callbacks that feed the returned [`Feeds`], enable keepalive.
+/// Open `uri` read-only, register callbacks that feed the returned [`Feeds`] (at most `backlog`
+/// events queued), enable keepalive.
 pub fn open(
     uri: &str,
     keepalive: Option<(Duration, u32)>,
+    backlog: usize,
 ) -> Result<(Watched, Feeds), LibvirtError> {
-    let (events_tx, events) = mpsc::channel(EVENT_BACKLOG);
+    let (events_tx, events) = mpsc::channel(backlog.max(1));
     let overflow = Arc::new(Notify::new());
+    let dropped = Arc::new(AtomicU64::new(0));
     let (closed_tx, closed) = watch::channel(None);
     let overflowed = Arc::clone(&overflow);
+    let drops = Arc::clone(&dropped);
     let on_event = Box::new(move |raw: RawLifecycle| {
         let event = SourceEvent {
             domain: DomainRef {
@@ -54,7 +59,10 @@ pub fn open(
             Ok(()) => {}
             // Dropped (its domain reference is released here, a local unref): the resync that
             // the notification triggers makes up for it.
-            Err(TrySendError::Full(_)) => overflowed.notify_one(),
+            Err(TrySendError::Full(_)) => {
+                drops.fetch_add(1, Ordering::Relaxed);
+                overflowed.notify_one();
+            }
             // The agent dropped this connection: nothing to do.
             Err(TrySendError::Closed(_)) => {}
         }
@@ -78,6 +86,7 @@ pub fn open(
         Feeds {
             events,
             overflow,
+            dropped,
             closed,
         },
     ))

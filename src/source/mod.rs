@@ -23,18 +23,19 @@ pub struct SourceEvent {
     pub handle: Option<ffi::DomainHandle>,
 }
 
-/// Lifecycle events a connection queues before new ones are dropped (each holds a domain
-/// reference). A drop is never silent: it wakes [`Feeds::overflow`], and the agent resyncs the
-/// connection, which heals whatever the dropped events said.
-pub const EVENT_BACKLOG: usize = 1024;
-
 /// The receiving ends of what a connection's callbacks report, all fed from the event-loop thread
 /// without ever blocking it.
 #[derive(Debug)]
 pub struct Feeds {
+    /// Lifecycle events, at most `libvirt.event_backlog` queued (each holds a domain reference).
+    /// When it is full a new event is dropped, never silently: it is counted in `dropped` and
+    /// wakes `overflow`, and the agent resyncs the connection, which heals whatever the dropped
+    /// events said.
     pub events: tokio::sync::mpsc::Receiver<SourceEvent>,
     /// Notified when an event was dropped because `events` was full.
     pub overflow: std::sync::Arc<tokio::sync::Notify>,
+    /// Events dropped since the agent last took the count.
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Set once when libvirt closes the connection.
     pub closed: tokio::sync::watch::Receiver<Option<CloseReason>>,
 }
