@@ -22,7 +22,7 @@
 # windows also measure the floor of any event-driven client, `virsh event --all --loop`.
 #
 # The live bench runs against a private libvirt daemon by default (BENCH_DAEMON=private): a session
-# libvirtd of its own, as user vha-bench (created when missing), stopped at the end. On a shared
+# libvirtd of its own, as user vha-launcher (created when missing; the tests' session daemons use it too), stopped at the end. On a shared
 # machine other people's tests make the system daemon busy, and that noise is larger than the
 # agent's whole idle cost. BENCH_DAEMON=system uses qemu:///system instead (started by
 # scripts/libvirtd.sh unless one answers, stopped at the end only if started here). Its domains are

@@ -10,15 +10,23 @@
 //! Without a mode (as under `cargo test --all-targets`) it runs a short smoke check of the
 //! simulated path and asserts nothing about time.
 //!
-//! The modules live in `bench/suite/`.
+//! The modules live in `bench/suite/`; the libvirt session daemon and the OTLP receiver are the
+//! integration tests' own (`tests/common/`).
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-#[path = "../bench/suite/daemon.rs"]
-mod daemon;
+/// The dev-only helpers the benchmarks share with the integration tests: the private libvirt
+/// session daemon and the OTLP receiver.
+#[allow(dead_code)]
+#[path = "../tests/common"]
+mod common {
+    pub mod libvirt;
+    pub mod receiver;
+    pub mod session;
+}
 #[path = "../bench/suite/live.rs"]
 mod live;
 #[path = "../bench/suite/report.rs"]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::common::session;
 use crate::sink::Sink;
 use crate::util::{self, median, percentile, Cpu, CpuDelta};
 
@@ -87,7 +88,20 @@ pub struct IdleRow {
     pub floor: CpuDelta,
     #[serde(default)]
     pub libvirtd_with_floor: CpuDelta,
+    /// The agent's start-up tail, between its first complete export and the idle window
+    /// ([`SETTLE`]): mostly the exits of the blocking threads the initial sync used.
+    #[serde(default)]
+    pub agent_settle: CpuDelta,
+    /// The agent's thread count at the first complete export and at the start of the window.
+    #[serde(default)]
+    pub agent_threads_settle: (usize, usize),
 }
+
+/// How long after its first complete export the agent's idle window starts. Tokio keeps an idle
+/// blocking thread for 10 s after its last call, so the threads of the initial sync exit then;
+/// that is start-up cost (reported as [`IdleRow::agent_settle`]), not the cost of idling. A
+/// window opened earlier catches those exits and charges a one-off to every second of idle.
+pub const SETTLE: Duration = Duration::from_secs(13);
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SyncRun {
@@ -764,10 +778,13 @@ impl Ctx<'_> {
         // The agent.
         let (agent, first) = self.agent_until_synced(&[], &format!("idle-{n}"))?;
         row.agent_sync_secs = first.at.duration_since(agent.spawned).as_secs_f64();
-        self.sleep(3.0)?;
+        let (s0, n0) = (Cpu::read(agent.pid())?, util::threads(agent.pid()).len());
+        util::sleep(SETTLE.saturating_sub(first.at.elapsed()))?;
         let t0 = Instant::now();
         let th0 = util::threads(agent.pid());
         let (a0, l0) = (Cpu::read(agent.pid())?, Cpu::read(lv)?);
+        row.agent_settle = a0.since(&s0);
+        row.agent_threads_settle = (n0, th0.len());
         util::sleep(window)?;
         let (a1, l1) = (Cpu::read(agent.pid())?, Cpu::read(lv)?);
         let th1 = util::threads(agent.pid());
@@ -1104,14 +1121,20 @@ pub fn run(opts: &LiveOpts) -> Result<LiveResult> {
     let (libvirtd, described) = if o.uri == "private" {
         eprintln!(
             "live: starting a private libvirt daemon (session mode, user {})",
-            crate::daemon::USER
+            session::USER
         );
-        let d = crate::daemon::PrivateDaemon::start()?;
-        o.uri = d.uri.clone();
-        let pid = d.pid;
+        session::session_daemons_available().map_err(anyhow::Error::msg)?;
+        // Short: unix socket paths hold at most 107 bytes.
+        let dir = std::path::PathBuf::from(format!("/tmp/vhb-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        let d = session::SessionDaemon::start(dir)?;
+        o.uri = d.uri();
+        let pid = d.pid().context("the private libvirtd has no PID")?;
         let desc = format!(
             "a private libvirtd (session mode, run as user `{}`, runtime dir {}) that nobody else uses",
-            crate::daemon::USER,
+            session::USER,
             d.dir().display()
         );
         daemon = Some(d);
@@ -1132,7 +1155,7 @@ pub fn run(opts: &LiveOpts) -> Result<LiveResult> {
         let events = EventMonitor::start(&o.uri)?;
         let mut ctx = Ctx {
             o: &o,
-            sink: Sink::start(0)?,
+            sink: Sink::start()?,
             doms: Domains::new(&o.uri),
             libvirtd,
             events,
@@ -1143,9 +1166,11 @@ pub fn run(opts: &LiveOpts) -> Result<LiveResult> {
         ctx.doms.cleanup();
         result
     })();
-    if let Some(mut d) = daemon {
+    if let Some(d) = daemon {
         eprintln!("live: stopping the private libvirtd");
-        d.stop();
+        // Dropping it stops the daemon, kills what it left (QEMU, virtlogd) by PID and removes
+        // its dir.
+        drop(d);
     }
     let mut result = result?;
     result.daemon = described;
@@ -1221,12 +1246,17 @@ fn run_phases(ctx: &mut Ctx) -> Result<LiveResult> {
             }
         }
         eprintln!(
-            "live:   agent {:.4} s + libvirtd {:.4} s  vs  peer {:.4} s + libvirtd {:.4} s  (libvirtd alone {:.4} s)",
+            "live:   agent {:.4} s + libvirtd {:.4} s  vs  peer {:.4} s + libvirtd {:.4} s  vs  floor {:.4} s + libvirtd {:.4} s  (libvirtd alone {:.4} s; agent start-up tail {:.4} s, threads {} -> {})",
             row.agent.secs,
             row.libvirtd_with_agent.secs,
             row.peer.secs,
             row.libvirtd_with_peer.secs,
-            row.libvirtd_alone.secs
+            row.floor.secs,
+            row.libvirtd_with_floor.secs,
+            row.libvirtd_alone.secs,
+            row.agent_settle.secs,
+            row.agent_threads_settle.0,
+            row.agent_threads_settle.1,
         );
         res.idle.push(row);
     }

@@ -252,7 +252,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
         writeln!(w)?;
         writeln!(w, "libvirt daemon measured: {}.", l.daemon)?;
         writeln!(w)?;
-        writeln!(w, "Windows run one after another at each N: libvirtd with no client, then the agent (after its initial sync), then the peer (scraped every {:.0} s, scrapes inside the window). CPU from the process CPU clock; `/proc/<pid>/stat` utime+stime (10 ms ticks) in brackets.", l.peer_scrape_interval_secs)?;
+        writeln!(w, "Windows run one after another at each N: libvirtd with no client, then the agent (from {} s after its first complete export, once the blocking threads of the initial sync have exited), then the peer (scraped every {:.0} s, scrapes inside the window), then the floor (`virsh event --all --loop`). CPU from the process CPU clock, which counts threads that exited inside the window; `/proc/<pid>/stat` utime+stime (10 ms ticks) in brackets.", crate::live::SETTLE.as_secs(), l.peer_scrape_interval_secs)?;
         writeln!(w)?;
         writeln!(w, "| N | window | libvirtd alone | agent | libvirtd (agent) | agent + libvirtd | peer | libvirtd (peer) | peer + libvirtd | ratio | agent exports (bytes) | peer scrapes | agent RSS (anon + file) | peer RSS (anon + file) |")?;
         writeln!(
@@ -274,6 +274,21 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
                 r.agent_exports, r.agent_export_bytes, r.peer_scrapes,
                 mem_str(&r.agent_mem), mem_str(&r.peer_mem))?;
         }
+        writeln!(w)?;
+        let tails: Vec<String> = l
+            .idle
+            .iter()
+            .map(|r| {
+                format!(
+                    "N={}: {} (threads {} → {})",
+                    r.domains,
+                    ms(r.agent_settle.secs),
+                    r.agent_threads_settle.0,
+                    r.agent_threads_settle.1
+                )
+            })
+            .collect();
+        writeln!(w, "The agent's start-up tail, from its first complete export to the window (once per start, not idle cost): {}.", tails.join("; "))?;
         writeln!(w)?;
         if l.peer_cpu_per_scrape_ms > 0.0 {
             writeln!(w, "Per scrape of the peer at the largest N: {:.1} ms peer CPU + {:.1} ms libvirtd CPU (above libvirtd alone).", l.peer_cpu_per_scrape_ms, l.libvirtd_cpu_per_scrape_ms)?;

@@ -192,42 +192,7 @@ impl Recorded {
     }
 
     fn points(&self, name: &str, stale: bool) -> Vec<Series> {
-        let mut out = Vec::new();
-        for rm in &self.request.resource_metrics {
-            let resource = rm
-                .resource
-                .as_ref()
-                .map(|r| attributes(&r.attributes))
-                .unwrap_or_default();
-            for sm in &rm.scope_metrics {
-                let scope = sm
-                    .scope
-                    .as_ref()
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
-                for m in sm.metrics.iter().filter(|m| m.name == name) {
-                    let points: &[NumberDataPoint] = match &m.data {
-                        Some(metric::Data::Gauge(g)) => &g.data_points,
-                        Some(metric::Data::Sum(s)) => &s.data_points,
-                        _ => &[],
-                    };
-                    let flagged = |p: &&NumberDataPoint| {
-                        (p.flags & DataPointFlags::NoRecordedValueMask as u32 != 0) == stale
-                    };
-                    out.extend(points.iter().filter(flagged).map(|p| Series {
-                        attributes: attributes(&p.attributes),
-                        value: match p.value {
-                            Some(number_data_point::Value::AsInt(v)) => Value::Int(v),
-                            Some(number_data_point::Value::AsDouble(v)) => Value::Double(v),
-                            None => Value::Double(f64::NAN),
-                        },
-                        resource: resource.clone(),
-                        scope: scope.clone(),
-                    }));
-                }
-            }
-        }
-        out
+        points(&self.request, name, stale)
     }
 
     /// Resource attributes of every `ResourceMetrics` in the request.
@@ -262,6 +227,50 @@ fn any_value_string(v: Option<&AnyValue>) -> String {
     }
 }
 
+/// The live number points of `name` in `request` (see [`Recorded::series`]).
+pub fn live_series(request: &ExportMetricsServiceRequest, name: &str) -> Vec<Series> {
+    points(request, name, false)
+}
+
+fn points(request: &ExportMetricsServiceRequest, name: &str, stale: bool) -> Vec<Series> {
+    let mut out = Vec::new();
+    for rm in &request.resource_metrics {
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        for sm in &rm.scope_metrics {
+            let scope = sm
+                .scope
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            for m in sm.metrics.iter().filter(|m| m.name == name) {
+                let points: &[NumberDataPoint] = match &m.data {
+                    Some(metric::Data::Gauge(g)) => &g.data_points,
+                    Some(metric::Data::Sum(s)) => &s.data_points,
+                    _ => &[],
+                };
+                let flagged = |p: &&NumberDataPoint| {
+                    (p.flags & DataPointFlags::NoRecordedValueMask as u32 != 0) == stale
+                };
+                out.extend(points.iter().filter(flagged).map(|p| Series {
+                    attributes: attributes(&p.attributes),
+                    value: match p.value {
+                        Some(number_data_point::Value::AsInt(v)) => Value::Int(v),
+                        Some(number_data_point::Value::AsDouble(v)) => Value::Double(v),
+                        None => Value::Double(f64::NAN),
+                    },
+                    resource: resource.clone(),
+                    scope: scope.clone(),
+                }));
+            }
+        }
+    }
+    out
+}
+
 /// What a `wait_*` call found.
 #[derive(Clone, Debug)]
 pub struct Observation {
@@ -276,6 +285,8 @@ pub struct Observation {
 #[derive(Debug, Default)]
 struct Log {
     requests: Vec<Recorded>,
+    /// Requests dropped by [`Receiver::clear`] (sequence numbers go on from there).
+    cleared: usize,
     /// Bodies that could not be decoded, with the reason.
     rejected: Vec<String>,
 }
@@ -296,7 +307,7 @@ impl Shared {
 
     fn record(&self, transport: Transport, gzip: bool, request: ExportMetricsServiceRequest) {
         let mut log = self.lock();
-        let seq = log.requests.len();
+        let seq = log.cleared + log.requests.len();
         log.requests.push(Recorded {
             seq,
             at: Instant::now(),
@@ -514,6 +525,19 @@ impl Receiver {
             .filter(|r| r.at >= since)
             .cloned()
             .collect()
+    }
+
+    /// Forget the requests recorded so far (keeps memory flat over a long benchmark); sequence
+    /// numbers go on.
+    pub fn clear(&self) {
+        drop(self.take());
+    }
+
+    /// The requests recorded so far, forgotten here at once (see [`Receiver::clear`]).
+    pub fn take(&self) -> Vec<Recorded> {
+        let mut log = self.shared.lock();
+        log.cleared += log.requests.len();
+        std::mem::take(&mut log.requests)
     }
 
     /// Bodies the HTTP server could not decode (wrong content type, bad gzip, bad protobuf).
