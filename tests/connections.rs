@@ -7,6 +7,15 @@
 //!   tombstone, even after domains stopped (before the fix, every lost resync left its token behind
 //!   and every later STOPPED added a tombstone that was never cleared).
 //!
+//! - `a_removed_hung_connection_closes_off_the_worker`: two discovered launcher pods; one daemon
+//!   is frozen and its socket then vanishes, so the agent removes a connection whose release
+//!   (deregistering the callbacks, closing: both RPCs) cannot return. Keepalive and the periodic
+//!   resync are off, so nothing unblocks it and no other call holds the connection: the removal
+//!   is the last owner. Its series and VM must go at once (before, they stayed until the release
+//!   gave up, `fetch_timeout`), the healthy pod's next VM must reach the inventory (a release on
+//!   the async worker, which the agent runs one of as the binary does, would hold it forever),
+//!   and the agent must still stop within its deadline.
+//!
 //! Session daemons come from [`common::session`]; without them the tests skip with a printed
 //! reason, or fail when `VHA_E2E_REQUIRED=1`.
 #![allow(clippy::unwrap_used)]
@@ -16,7 +25,7 @@ mod common;
 use std::time::Duration;
 
 use common::in_process::InProcess;
-use common::session::{require_session_daemons, SessionDaemon, Vmi, Workspace};
+use common::session::{require_session_daemons, Pod, SessionDaemon, Vmi, Workspace};
 use common::wait_until;
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind};
 
@@ -103,4 +112,101 @@ fn resync_tokens_end_with_their_task() {
         quiet.is_ok(),
         "leaked: {resyncs} resync token(s) and {tombstones} tombstone(s) remain with no resync running"
     );
+}
+
+#[test]
+fn a_removed_hung_connection_closes_off_the_worker() {
+    if !require_session_daemons("a_removed_hung_connection_closes_off_the_worker") {
+        return;
+    }
+    let ws = Workspace::new().unwrap();
+    let root = ws.kubelet_root("hung-node").unwrap();
+    let healthy = Pod::start(&ws, &root, "ok").unwrap();
+    let mut hung = Pod::start(&ws, &root, "hung").unwrap();
+    let vm = Vmi::new("hung", "vm0");
+    hung.daemon.define(&vm).unwrap();
+    hung.daemon.start_domain(&vm).unwrap();
+    healthy.publish().unwrap();
+    hung.publish().unwrap();
+
+    let mut cfg = config(Vec::new());
+    // Nothing may rescue a blocked release: no keepalive closes the frozen daemon's socket, and
+    // no resync holds the connection besides the removal.
+    cfg.libvirt.keepalive_interval = Duration::ZERO;
+    cfg.libvirt.resync_interval = Duration::ZERO;
+    cfg.libvirt.discover.enabled = true;
+    cfg.libvirt.discover.kubelet_root = root.clone();
+    cfg.export.shutdown_timeout = Duration::from_secs(2);
+    let agent = Running::start(cfg);
+    let conns = || agent.0.telemetry.connection_meta().len();
+    wait_until(Duration::from_secs(30), || {
+        conns() == 2 && agent.up() && agent.domains() == 1
+    })
+    .expect("both pods connected, the hung pod's VM exported");
+
+    wait_until(Duration::from_secs(10), || agent.bookkeeping().0 == 0)
+        .expect("the initial resyncs ended");
+    hung.daemon.freeze().unwrap();
+    // The pod's socket vanishes (as when the kubelet tears the pod down): the connection goes.
+    let gone = std::time::Instant::now();
+    std::fs::remove_file(hung.socket_path()).unwrap();
+    // Its series and its VM go at once, not when the hung release gives up (fetch_timeout, 10 s).
+    let removed = wait_until(Duration::from_secs(5), || {
+        conns() == 1 && agent.domains() == 0
+    });
+    println!(
+        "connection and VM of the vanished, frozen pod removed after {:?}",
+        gone.elapsed()
+    );
+    removed.expect("the vanished pod's connection and VM were removed within 5 s");
+
+    // The healthy pod's next VM still arrives.
+    let fresh = Vmi::new("ok", "vm1");
+    healthy.daemon.define(&fresh).unwrap();
+    let started = std::time::Instant::now();
+    healthy.daemon.start_domain(&fresh).unwrap();
+    let arrived = wait_until(Duration::from_secs(10), || {
+        agent
+            .0
+            .inventory
+            .lock()
+            .unwrap()
+            .snapshot()
+            .domains
+            .iter()
+            .any(|d| d.domain_name == fresh.domain_name())
+    });
+    println!(
+        "VM on the healthy pod in the inventory {:?} after `virsh start` was issued",
+        started.elapsed()
+    );
+    arrived.expect("the healthy pod's VM reached the inventory within 10 s");
+    // The removed connection's VM stays gone while its release hangs.
+    assert!(
+        !agent
+            .0
+            .inventory
+            .lock()
+            .unwrap()
+            .snapshot()
+            .domains
+            .iter()
+            .any(|d| d.domain_name == vm.domain_name()),
+        "the removed connection's domain came back"
+    );
+
+    // Shutdown with the daemon still frozen ends within the deadline (the drop joins the
+    // agent's thread).
+    let stop = std::time::Instant::now();
+    drop(agent);
+    println!(
+        "agent stopped {:?} after the request (deadline 2 s)",
+        stop.elapsed()
+    );
+    assert!(
+        stop.elapsed() < Duration::from_secs(10),
+        "the agent took {:?} to stop with a hung daemon",
+        stop.elapsed()
+    );
+    hung.daemon.thaw().unwrap();
 }

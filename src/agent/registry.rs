@@ -3,10 +3,13 @@
 //! here, with one rule for ids, self-metrics and readiness.
 //!
 //! Each connection is one task in the registry's `JoinSet`, told to stop through a watch channel
-//! that carries its deadline. A removal returns at once: the connection closes on its own
-//! (bounded by `fetch_timeout`) and [`reap`](Registry::reap) then drops its domains and
-//! self-metrics, so many pods going away close in parallel. Shutdown stops every connection with
-//! one deadline and keeps the domains (the VMs still run).
+//! that carries its deadline. A removal drops the connection's domains and self-metrics at once
+//! (its socket is gone: so are its VMs, and the next export says so) and returns; the connection
+//! closes on its own, bounded by `fetch_timeout` (a hung daemon's release is then left to its
+//! blocking thread), and [`reap`](Registry::reap) forgets it when its task ends, so many pods
+//! going away close in parallel. Until then the inventory ignores what the closing connection
+//! still reports. Shutdown stops every connection with one deadline and keeps the domains (the
+//! VMs still run).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -108,12 +111,18 @@ impl Registry {
         id
     }
 
-    /// Stop a connection; its domains and self-metrics go once it closed (see [`reap`](Self::reap)).
+    /// Stop a connection and drop its domains and self-metrics now; it closes in the background
+    /// (see [`reap`](Self::reap)).
     pub fn remove(&mut self, id: ConnId) {
         let by = Instant::now() + self.shared.cfg.libvirt.fetch_timeout;
         if let Some(e) = self.conns.get_mut(&id) {
             e.removing = true;
             let _ = e.stop.send(Some(by));
+            let removed = self.shared.lock_inventory().retire_connection(id);
+            self.shared.telemetry.remove_connection(id);
+            if removed > 0 {
+                self.shared.push.push();
+            }
         }
     }
 
@@ -146,7 +155,11 @@ impl Registry {
                 "connection task ended unasked; its domains are dropped"
             );
         }
-        let removed = self.shared.lock_inventory().remove_connection(id);
+        let removed = {
+            let mut inv = self.shared.lock_inventory();
+            inv.forget_retired(id);
+            inv.remove_connection(id)
+        };
         self.shared.telemetry.remove_connection(id);
         if removed > 0 {
             self.shared.push.push();

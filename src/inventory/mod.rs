@@ -13,7 +13,7 @@
 //!
 //! No libvirt, tokio or OpenTelemetry types live here.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::domain::{DomainFacts, HypervisorType, Identity};
@@ -258,6 +258,9 @@ fn request_fetch(state: &mut ConnState, conn: ConnId, dom: DomainRef, seq: u64) 
 pub struct Inventory {
     /// Ordered by connection id (see `domains`).
     conns: BTreeMap<ConnId, ConnState>,
+    /// Connections removed while their task still closes: what they report meanwhile (a late
+    /// event, a resync) is ignored, so nothing brings their domains back.
+    retired: BTreeSet<ConnId>,
     seq: u64,
     version: u64,
     cached: Option<Arc<Snapshot>>,
@@ -297,6 +300,20 @@ impl Inventory {
         removed
     }
 
+    /// Forget a connection and its domains now, while its task is still closing (its socket
+    /// vanished; the close may take up to `fetch_timeout` on a hung daemon). Until
+    /// [`forget_retired`](Self::forget_retired), events and resyncs of it are ignored. Returns
+    /// how many exported domains were removed.
+    pub fn retire_connection(&mut self, conn: ConnId) -> usize {
+        self.retired.insert(conn);
+        self.remove_connection(conn)
+    }
+
+    /// The retired connection's task ended: nothing of it can arrive any more.
+    pub fn forget_retired(&mut self, conn: ConnId) {
+        self.retired.remove(&conn);
+    }
+
     /// Apply one lifecycle event: STARTED/RESUMED read the XML, STOPPED/UNDEFINED (of an inactive
     /// domain) remove, the others keep what is known. Returns a fetch to perform, if any.
     pub fn apply_event(
@@ -305,6 +322,9 @@ impl Inventory {
         dom: DomainRef,
         event: Lifecycle,
     ) -> Option<FetchRequest> {
+        if self.retired.contains(&conn) {
+            return None;
+        }
         let seq = self.next_seq();
         let state = self.conns.entry(conn).or_default();
         match event {
@@ -374,7 +394,9 @@ impl Inventory {
     /// Begin a resync of `conn`. Take the listing after this call.
     pub fn begin_resync(&mut self, conn: ConnId) -> ResyncToken {
         let seq = self.next_seq();
-        self.conns.entry(conn).or_default().resyncs.push(seq);
+        if !self.retired.contains(&conn) {
+            self.conns.entry(conn).or_default().resyncs.push(seq);
+        }
         ResyncToken { conn, seq }
     }
 

@@ -597,3 +597,43 @@ fn random_interleavings_converge_to_the_truth() {
         assert_eq!(inv.pending_fetches(), 0);
     }
 }
+
+#[test]
+fn a_retired_connection_loses_its_domains_at_once_and_nothing_brings_them_back() {
+    let mut inv = Inventory::new();
+    inv.add_connection(C);
+    inv.add_connection(2);
+    start(&mut inv, dref("a", 1, "a"), "kvm");
+    let pending = inv
+        .apply_event(C, dref("b", 2, "b"), Lifecycle::Started)
+        .unwrap();
+    let token = inv.begin_resync(C);
+    let req = inv
+        .apply_event(2, dref("other", 3, "other"), Lifecycle::Started)
+        .unwrap();
+    assert!(inv.apply_fetch(&req, facts("kvm", "other", false)));
+
+    assert_eq!(inv.retire_connection(C), 1);
+    assert_eq!(names(&mut inv), vec![("other".into(), HypervisorType::Kvm)]);
+    // What the closing connection still reports is ignored: a late event, a late fetch, the
+    // resync it had begun and a new one.
+    assert!(inv
+        .apply_event(C, dref("c", 4, "c"), Lifecycle::Started)
+        .is_none());
+    assert!(!inv.apply_fetch(&pending, facts("kvm", "b", false)));
+    inv.finish_resync(
+        token,
+        vec![(dref("a", 1, "a"), Some(facts("kvm", "a", false)))],
+    );
+    let late = inv.begin_resync(C);
+    inv.finish_resync(
+        late,
+        vec![(dref("a", 1, "a"), Some(facts("kvm", "a", false)))],
+    );
+    assert_eq!(names(&mut inv), vec![("other".into(), HypervisorType::Kvm)]);
+    assert_eq!((inv.resyncs_in_progress(), inv.tombstones()), (0, 0));
+
+    // Once its task ended the id is forgotten; ids are never reused.
+    inv.forget_retired(C);
+    assert!(inv.retired.is_empty());
+}
