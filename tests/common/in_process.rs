@@ -1,5 +1,6 @@
 //! The agent in-process, on its own runtime thread (one async worker, as the binary), so a test
-//! can read its inventory and telemetry directly. Dropping it stops the agent and joins the thread.
+//! can read its inventory and telemetry directly. Dropping it stops the agent and joins the thread
+//! (within 30 s, else the test fails).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,7 +64,19 @@ impl Drop for InProcess {
             let _ = tx.send(());
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Bounded: an agent that cannot stop (its worker blocked) must fail the test, not
+            // hang it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else if !std::thread::panicking() {
+                panic!("the in-process agent did not stop within 30 s");
+            } else {
+                eprintln!("the in-process agent did not stop within 30 s; left running");
+            }
         }
     }
 }
