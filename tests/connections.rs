@@ -41,6 +41,17 @@ impl Running {
         self.0.telemetry.connection_meta().values().all(|m| m.up)
     }
 
+    fn has_domain(&self, name: &str) -> bool {
+        self.0
+            .inventory
+            .lock()
+            .unwrap()
+            .snapshot()
+            .domains
+            .iter()
+            .any(|d| d.domain_name == name)
+    }
+
     fn domains(&self) -> usize {
         self.0.inventory.lock().unwrap().snapshot().domains.len()
     }
@@ -166,15 +177,7 @@ fn a_removed_hung_connection_closes_off_the_worker() {
     let started = std::time::Instant::now();
     healthy.daemon.start_domain(&fresh).unwrap();
     let arrived = wait_until(Duration::from_secs(10), || {
-        agent
-            .0
-            .inventory
-            .lock()
-            .unwrap()
-            .snapshot()
-            .domains
-            .iter()
-            .any(|d| d.domain_name == fresh.domain_name())
+        agent.has_domain(&fresh.domain_name())
     });
     println!(
         "VM on the healthy pod in the inventory {:?} after `virsh start` was issued",
@@ -183,15 +186,7 @@ fn a_removed_hung_connection_closes_off_the_worker() {
     arrived.expect("the healthy pod's VM reached the inventory within 10 s");
     // The removed connection's VM stays gone while its release hangs.
     assert!(
-        !agent
-            .0
-            .inventory
-            .lock()
-            .unwrap()
-            .snapshot()
-            .domains
-            .iter()
-            .any(|d| d.domain_name == vm.domain_name()),
+        !agent.has_domain(&vm.domain_name()),
         "the removed connection's domain came back"
     );
 

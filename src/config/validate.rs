@@ -44,6 +44,18 @@ fn check_range(
     }
 }
 
+/// A count that must lie in `1..=max`.
+fn check_count(errs: &mut Vec<ConfigError>, key: &'static str, n: usize, max: usize) {
+    if !(1..=max).contains(&n) {
+        errs.push(ConfigError::invalid(
+            key,
+            "value",
+            n.to_string(),
+            format!("expected a whole number from 1 to {max}"),
+        ));
+    }
+}
+
 fn dur(d: Duration) -> String {
     format!("{:?}", humantime::format_duration(d).to_string())
 }
@@ -171,22 +183,18 @@ impl AgentConfig {
             FETCH_TIMEOUT_RANGE,
             "like 10s (a shorter bound cannot open a connection)",
         );
-        if !(1..=MAX_FETCH_CONCURRENCY).contains(&lv.fetch_concurrency) {
-            errs.push(ConfigError::invalid(
-                "libvirt.fetch_concurrency",
-                "value",
-                lv.fetch_concurrency.to_string(),
-                format!("expected a whole number from 1 to {MAX_FETCH_CONCURRENCY}"),
-            ));
-        }
-        if !(1..=MAX_EVENT_BACKLOG).contains(&lv.event_backlog) {
-            errs.push(ConfigError::invalid(
-                "libvirt.event_backlog",
-                "value",
-                lv.event_backlog.to_string(),
-                format!("expected a whole number from 1 to {MAX_EVENT_BACKLOG}"),
-            ));
-        }
+        check_count(
+            errs,
+            "libvirt.fetch_concurrency",
+            lv.fetch_concurrency,
+            MAX_FETCH_CONCURRENCY,
+        );
+        check_count(
+            errs,
+            "libvirt.event_backlog",
+            lv.event_backlog,
+            MAX_EVENT_BACKLOG,
+        );
         let resync = lv.resync_interval;
         if !resync.is_zero() {
             check_range(
@@ -274,14 +282,12 @@ impl AgentConfig {
                 ),
             ));
         }
-        if !(1..=MAX_CARDINALITY_LIMIT).contains(&m.cardinality_limit) {
-            errs.push(ConfigError::invalid(
-                "metric.cardinality_limit",
-                "value",
-                m.cardinality_limit.to_string(),
-                format!("expected a whole number from 1 to {MAX_CARDINALITY_LIMIT}"),
-            ));
-        }
+        check_count(
+            errs,
+            "metric.cardinality_limit",
+            m.cardinality_limit,
+            MAX_CARDINALITY_LIMIT,
+        );
     }
 
     fn check_export(&self, errs: &mut Vec<ConfigError>) {
