@@ -16,6 +16,12 @@
 //!   the async worker, which the agent runs one of as the binary does, would hold it forever),
 //!   and the agent must still stop within its deadline.
 //!
+//! - `a_hung_version_read_is_bounded`: with `metric.attributes.hypervisor_version` on, a fresh
+//!   session daemon takes seconds to answer the agent's first `virConnectGetVersion` (it probes
+//!   the host); the daemon is frozen during it, keepalive off. The read must give up after
+//!   `fetch_timeout` and the connection come up without a version (before the call helper, that
+//!   read had no timeout: the connection never came up), and the agent must still stop in time.
+//!
 //! Session daemons come from [`common::session`]; without them the tests skip with a printed
 //! reason, or fail when `VHA_E2E_REQUIRED=1`.
 #![allow(clippy::unwrap_used)]
@@ -204,4 +210,59 @@ fn a_removed_hung_connection_closes_off_the_worker() {
         stop.elapsed()
     );
     hung.daemon.thaw().unwrap();
+}
+
+#[test]
+fn a_hung_version_read_is_bounded() {
+    if !require_session_daemons("a_hung_version_read_is_bounded") {
+        return;
+    }
+    let ws = Workspace::new().unwrap();
+    let mut daemon = SessionDaemon::start(ws.path().join("version")).unwrap();
+    let mut cfg = config(vec![daemon.uri()]);
+    cfg.libvirt.keepalive_interval = Duration::ZERO;
+    cfg.libvirt.resync_interval = Duration::ZERO;
+    cfg.libvirt.fetch_timeout = Duration::from_secs(1);
+    cfg.metric.attributes.hypervisor_version = true;
+    cfg.export.shutdown_timeout = Duration::from_secs(2);
+    let agent = Running::start(cfg);
+    // The agent's connection is accepted; its open takes milliseconds, the first version read of
+    // a fresh daemon seconds: freeze the daemon in between.
+    wait_until(Duration::from_secs(10), || {
+        daemon.clients().is_ok_and(|n| n >= 1)
+    })
+    .expect("the agent connected to the daemon");
+    std::thread::sleep(Duration::from_millis(150));
+    let up_before = agent.up();
+    daemon.freeze().unwrap();
+    let frozen = std::time::Instant::now();
+    assert!(
+        !up_before,
+        "the version read finished within 150 ms of the connection: the daemon was frozen too late to test anything"
+    );
+
+    let meta = || agent.0.telemetry.connection_meta();
+    let came_up = wait_until(Duration::from_secs(10), || {
+        meta()
+            .values()
+            .all(|m| m.up && m.hypervisor_version.is_none())
+    });
+    println!(
+        "connection up without a version {:?} after the freeze (fetch_timeout 1 s)",
+        frozen.elapsed()
+    );
+    came_up.expect("the hung version read gave up and the connection came up within 10 s");
+
+    let stop = std::time::Instant::now();
+    drop(agent);
+    println!(
+        "agent stopped {:?} after the request (deadline 2 s)",
+        stop.elapsed()
+    );
+    assert!(
+        stop.elapsed() < Duration::from_secs(10),
+        "the agent took {:?} to stop with a hung daemon",
+        stop.elapsed()
+    );
+    daemon.thaw().unwrap();
 }

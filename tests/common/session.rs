@@ -573,6 +573,46 @@ impl SessionDaemon {
         .map(|_| ())
     }
 
+    /// Clients connected to the daemon's main server, from its admin socket (`virt-admin
+    /// srv-clients-list libvirtd` as [`USER`]; the admin connection itself is on the admin
+    /// server).
+    pub fn clients(&self) -> Result<usize> {
+        let admin = format!(
+            "libvirtd:///session?socket={}",
+            self.dir.join("run/libvirt/libvirt-admin-sock").display()
+        );
+        // The admin server only lets the daemon's own user in.
+        let out = Command::new("timeout")
+            .args([VIRSH_TIMEOUT_SECS, "runuser", "-u", USER, "--"])
+            .args([
+                "virt-admin",
+                "-q",
+                "-c",
+                &admin,
+                "srv-clients-list",
+                "libvirtd",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .context("run virt-admin")?;
+        if !out.status.success() {
+            bail!(
+                "`virt-admin -c {admin} srv-clients-list libvirtd` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // A header, a dashed rule, then one row per client whose first column is its id.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|id| id.parse::<u64>().is_ok())
+            })
+            .count())
+    }
+
     /// Live processes that belong to this pod (libvirtd, QEMU, virtlogd).
     pub fn processes(&self) -> Vec<u32> {
         processes_mentioning(self.uid, &format!("{}/", self.dir.display()))
