@@ -257,7 +257,28 @@ fn a_full_event_backlog_is_counted_and_healed_by_a_resync() {
             (name, dom)
         })
         .collect();
-    let dropped = || agent.telemetry.dropped_events();
+    let dropped = || -> u64 {
+        agent
+            .telemetry
+            .connection_meta()
+            .values()
+            .map(|m| m.dropped_events)
+            .sum()
+    };
+    // Drops are counted when the agent takes them: wait until the count holds still, so that
+    // what is counted after a phase began was dropped in that phase.
+    let settled = || {
+        let mut last = dropped();
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = dropped();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    };
     let mut bursts = 0;
     let (mut in_bursts, mut in_final) = (0, 0);
     while in_final == 0 && bursts < 20 {
@@ -273,14 +294,13 @@ fn a_full_event_backlog_is_counted_and_healed_by_a_resync() {
             }
         }
         // Let the agent drain the flood, so that what it drops next is the final phase's.
-        std::thread::sleep(Duration::from_millis(100));
-        let before_final = dropped();
+        let before_final = settled();
         for (_, d) in &doms {
             d.destroy().unwrap();
         }
-        std::thread::sleep(Duration::from_millis(100));
-        in_bursts += dropped() - start;
-        in_final = dropped() - before_final;
+        let after = settled();
+        in_bursts += after - start;
+        in_final = after - before_final;
     }
     println!("{bursts} burst(s): {in_bursts} event(s) dropped, {in_final} in the final phase");
     assert!(

@@ -31,7 +31,7 @@ pub const PREFIX: &str = "vha-b-";
 /// Options of the `live` mode.
 #[derive(Clone, Debug)]
 pub struct LiveOpts {
-    /// `private` (a libvirt session daemon of our own, see daemon.rs) or a libvirt URI of a
+    /// `private` (a libvirt session daemon of our own, `tests/common/session.rs`) or a libvirt URI of a
     /// running daemon such as `qemu:///system`.
     pub uri: String,
     pub agent_bin: PathBuf,

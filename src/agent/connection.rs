@@ -203,7 +203,12 @@ struct Connection {
     delays: ExponentialBackoff,
     /// How many times the connection was established.
     sessions: u64,
+    /// When a full backlog was last warned about (at most one warning a minute).
+    overflow_warned: Option<Instant>,
 }
+
+/// Least time between two warnings about a full event backlog of one connection.
+const OVERFLOW_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Connection {
     fn new(
@@ -225,6 +230,7 @@ impl Connection {
             first_sync,
             delays,
             sessions: 0,
+            overflow_warned: None,
         }
     }
 
@@ -397,10 +403,18 @@ impl Connection {
                     return Ended::Lost;
                 }
                 _ = session.feeds.overflow.notified() => {
-                    let dropped = session.feeds.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
-                    ctx.shared.telemetry.count_dropped_events(dropped);
-                    tracing::warn!(connection = %ctx.spec.label, dropped, backlog = ctx.shared.cfg.libvirt.event_backlog, "lifecycle events dropped (backlog full); resyncing");
-                    session.want_resync(&ctx);
+                    // A notification left over from drops already counted brings nothing new.
+                    let dropped = take_dropped(&ctx, &session.feeds);
+                    if dropped > 0 {
+                        let backlog = ctx.shared.cfg.libvirt.event_backlog;
+                        if self.overflow_warned.is_none_or(|t| t.elapsed() >= OVERFLOW_WARN_EVERY) {
+                            self.overflow_warned = Some(Instant::now());
+                            tracing::warn!(connection = %ctx.spec.label, dropped, backlog, "lifecycle events dropped (backlog full); resyncing (warned at most once a minute; lifecycle_events_dropped counts them all)");
+                        } else {
+                            tracing::debug!(connection = %ctx.spec.label, dropped, backlog, "lifecycle events dropped (backlog full); resyncing");
+                        }
+                        session.want_resync(&ctx);
+                    }
                 }
                 Some(done) = session.tasks.join_next_with_id(), if !session.tasks.is_empty() => {
                     self.reaped(session, done);
@@ -461,11 +475,20 @@ impl Connection {
         // is still referenced here, so the last reference is the one dropped below.
         feeds.events.close();
         while feeds.events.try_recv().is_ok() {}
+        // Drops the session did not get to see are counted all the same.
+        take_dropped(&self.ctx, &feeds);
         let closing = tokio::task::spawn_blocking(move || drop(watched));
         if tokio::time::timeout_at(by, closing).await.is_err() {
             tracing::debug!(connection = %self.ctx.spec.label, "closing the connection is taking long; left to finish on its blocking thread");
         }
     }
+}
+
+/// Move the events dropped on a full backlog into the connection's counter; how many.
+fn take_dropped(ctx: &ConnCtx, feeds: &Feeds) -> u64 {
+    let n = feeds.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+    ctx.shared.telemetry.count_dropped_events(ctx.spec.id, n);
+    n
 }
 
 /// Reconnect delays: exponential (×2) from the configured initial to the maximum backoff, with

@@ -54,7 +54,8 @@ impl NewConnection {
 struct Entry {
     label: String,
     stop: watch::Sender<Option<Instant>>,
-    /// Removed (not shut down): its domains go when its task ends.
+    /// Removed (not shut down): its domains are gone already, and the inventory forgets it when
+    /// its task ends.
     removing: bool,
     _dir: Option<std::fs::File>,
 }

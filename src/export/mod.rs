@@ -466,6 +466,19 @@ pub fn register_instruments(
         .build();
 
     let tel = Arc::clone(&telemetry);
+    let _dropped = meter
+        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events_dropped")
+        .with_description(
+            "Lifecycle events of a connection dropped because its backlog (libvirt.event_backlog) was full; a burst of drops triggers one resync of that connection",
+        )
+        .with_callback(move |obs| {
+            for m in tel.connection_meta().values() {
+                obs.observe(m.dropped_events, &connection_attribute(m));
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
     let _sync = meter
         .f64_observable_gauge("virt_hypervisor_agent_last_sync_duration")
         .with_unit("s")
@@ -501,15 +514,6 @@ pub fn register_instruments(
                 obs.observe(n, &[KeyValue::new("kind", kind)]);
             }
         })
-        .build();
-
-    let tel = Arc::clone(&telemetry);
-    let _dropped = meter
-        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events_dropped")
-        .with_description(
-            "Lifecycle events dropped because a connection's backlog (libvirt.event_backlog) was full; each drop triggers a resync of that connection",
-        )
-        .with_callback(move |obs| obs.observe(tel.dropped_events(), &[]))
         .build();
 
     // Whether this node can run KVM guests (src/node): one series per agent, exported at every

@@ -21,6 +21,8 @@ pub struct ConnMeta {
     pub label: Arc<str>,
     pub up: bool,
     pub reconnects: u64,
+    /// Lifecycle events dropped on a full backlog (a burst of drops triggers one resync).
+    pub dropped_events: u64,
     pub last_sync: Option<Duration>,
     pub hypervisor_version: Option<Arc<str>>,
     pub pod_uid: Option<Arc<str>>,
@@ -41,8 +43,6 @@ struct Conns {
 pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
-    /// Lifecycle events dropped because a connection's backlog was full.
-    dropped_events: AtomicU64,
     conns: Mutex<Conns>,
     /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
     kvm: AtomicU8,
@@ -65,15 +65,6 @@ impl Telemetry {
             .position(|e| *e == ev)
             .map(|i| self.events[i].load(Ordering::Relaxed))
             .unwrap_or(0)
-    }
-
-    /// Count lifecycle events dropped on a full backlog (each one triggered a resync).
-    pub fn count_dropped_events(&self, n: u64) {
-        self.dropped_events.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn dropped_events(&self) -> u64 {
-        self.dropped_events.load(Ordering::Relaxed)
     }
 
     /// Count an XML error of `kind` (one of [`XML_ERROR_KINDS`]).
@@ -132,6 +123,18 @@ impl Telemetry {
         self.with_conns(|c| {
             if let Some(m) = c.get_mut(&id) {
                 m.reconnects += 1;
+            }
+        })
+    }
+
+    /// Count lifecycle events of connection `id` dropped on a full backlog.
+    pub fn count_dropped_events(&self, id: ConnId, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.with_conns(|c| {
+            if let Some(m) = c.get_mut(&id) {
+                m.dropped_events += n;
             }
         })
     }

@@ -418,6 +418,9 @@ impl Inventory {
     /// Which listed domains need their XML read: unknown ones, a new incarnation (same UUID,
     /// other id), and ones whose last read failed. Everything else costs nothing.
     pub fn needs_fetch(&self, conn: ConnId, listing: &[DomainRef]) -> Vec<DomainRef> {
+        if self.retired.contains(&conn) {
+            return Vec::new();
+        }
         let state = self.conns.get(&conn);
         listing
             .iter()

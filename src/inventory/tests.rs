@@ -621,6 +621,7 @@ fn a_retired_connection_loses_its_domains_at_once_and_nothing_brings_them_back()
         .apply_event(C, dref("c", 4, "c"), Lifecycle::Started)
         .is_none());
     assert!(!inv.apply_fetch(&pending, facts("kvm", "b", false)));
+    assert!(inv.needs_fetch(C, &[dref("a", 1, "a")]).is_empty());
     inv.finish_resync(
         token,
         vec![(dref("a", 1, "a"), Some(facts("kvm", "a", false)))],

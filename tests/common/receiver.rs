@@ -580,11 +580,13 @@ impl Receiver {
         F: FnMut(&Recorded) -> bool,
     {
         let deadline = Instant::now() + timeout;
+        // By sequence number, not index: another thread may `clear` meanwhile.
         let mut next = 0;
         let mut log = self.shared.lock();
         loop {
-            while next < log.requests.len() {
-                let r = &log.requests[next];
+            next = next.max(log.cleared);
+            while next < log.cleared + log.requests.len() {
+                let r = &log.requests[next - log.cleared];
                 next += 1;
                 if r.at >= since && pred(r) {
                     return Ok(Observation {
