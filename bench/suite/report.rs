@@ -275,9 +275,11 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
                 mem_str(&r.agent_mem), mem_str(&r.peer_mem))?;
         }
         writeln!(w)?;
+        // Results measured before the tail was recorded (window from 3 s) have none.
         let tails: Vec<String> = l
             .idle
             .iter()
+            .filter(|r| r.agent_threads_settle.0 > 0)
             .map(|r| {
                 format!(
                     "N={}: {} (threads {} → {})",
@@ -288,8 +290,10 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
                 )
             })
             .collect();
-        writeln!(w, "The agent's start-up tail, from its first complete export to the window (once per start, not idle cost): {}.", tails.join("; "))?;
-        writeln!(w)?;
+        if !tails.is_empty() {
+            writeln!(w, "The agent's start-up tail, from its first complete export to the window (once per start, not idle cost): {}.", tails.join("; "))?;
+            writeln!(w)?;
+        }
         if l.peer_cpu_per_scrape_ms > 0.0 {
             writeln!(w, "Per scrape of the peer at the largest N: {:.1} ms peer CPU + {:.1} ms libvirtd CPU (above libvirtd alone).", l.peer_cpu_per_scrape_ms, l.libvirtd_cpu_per_scrape_ms)?;
         }
