@@ -179,6 +179,38 @@ mod tests {
         panic!("condition not met within 10 s");
     }
 
+    /// `watch_with` on its own task, with probe timeout `timeout` and interval `every`.
+    struct Watching {
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Watching {
+        fn start(
+            s: &Scripted,
+            tel: &Arc<Telemetry>,
+            on_change: impl Fn() + Send + 'static,
+            timeout: Duration,
+            every: Duration,
+        ) -> Self {
+            let (stop, stop_rx) = watch::channel(false);
+            let (tel, probe) = (Arc::clone(tel), s.probe());
+            let task = tokio::spawn(async move {
+                watch_with(probe, timeout, &tel, on_change, every, stop_rx).await
+            });
+            Self { stop, task }
+        }
+
+        /// Tell the task to stop; it must end within 10 s.
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("the task ends when stopped")
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn changes_are_published_once_each_and_the_task_stops_when_told() {
         let s = Scripted::new(
@@ -193,25 +225,16 @@ mod tests {
         );
         let tel = Arc::new(Telemetry::new());
         let changes = Arc::new(AtomicUsize::new(0));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = {
-            let (tel, changes) = (Arc::clone(&tel), Arc::clone(&changes));
-            let probe = s.probe();
-            tokio::spawn(async move {
-                let on_change = || {
-                    changes.fetch_add(1, Ordering::SeqCst);
-                };
-                watch_with(
-                    probe,
-                    Duration::from_secs(5),
-                    &tel,
-                    on_change,
-                    Duration::from_millis(1),
-                    stop_rx,
-                )
-                .await
-            })
-        };
+        let counted = Arc::clone(&changes);
+        let w = Watching::start(
+            &s,
+            &tel,
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            },
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
         assert_eq!(
             tel.kvm_available(),
             None,
@@ -221,11 +244,7 @@ mod tests {
         eventually(|| s.calls.load(Ordering::SeqCst) >= 8).await;
         assert_eq!(tel.kvm_available(), Some(true));
         assert_eq!(changes.load(Ordering::SeqCst), 3);
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the task ends when stopped")
-            .unwrap();
+        w.stop().await;
     }
 
     #[tokio::test]
@@ -233,22 +252,13 @@ mod tests {
         let s = Scripted::new(&[KvmStatus::Missing], Duration::from_secs(2));
         let tel = Arc::new(Telemetry::new());
         tel.set_kvm_available(true);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = {
-            let tel = Arc::clone(&tel);
-            let probe = s.probe();
-            tokio::spawn(async move {
-                watch_with(
-                    probe,
-                    Duration::from_millis(1),
-                    &tel,
-                    || {},
-                    Duration::from_millis(1),
-                    stop_rx,
-                )
-                .await
-            })
-        };
+        let w = Watching::start(
+            &s,
+            &tel,
+            || {},
+            Duration::from_millis(1),
+            Duration::from_millis(1),
+        );
         // The first probe outlives many timeouts and rounds; no other starts meanwhile, and the
         // previous value stays.
         eventually(|| s.calls.load(Ordering::SeqCst) == 1).await;
@@ -257,41 +267,18 @@ mod tests {
         assert_eq!(tel.kvm_available(), Some(true));
         // Once it answers, its answer counts.
         eventually(|| tel.kvm_available() == Some(false)).await;
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the task ends when stopped")
-            .unwrap();
+        w.stop().await;
     }
 
     #[tokio::test]
     async fn with_no_interval_it_checks_once() {
         let s = Scripted::new(&[KvmStatus::Denied], Duration::ZERO);
         let tel = Arc::new(Telemetry::new());
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = {
-            let tel = Arc::clone(&tel);
-            let probe = s.probe();
-            tokio::spawn(async move {
-                watch_with(
-                    probe,
-                    Duration::from_secs(5),
-                    &tel,
-                    || {},
-                    Duration::ZERO,
-                    stop_rx,
-                )
-                .await
-            })
-        };
+        let w = Watching::start(&s, &tel, || {}, Duration::from_secs(5), Duration::ZERO);
         eventually(|| tel.kvm_available() == Some(false)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(s.calls.load(Ordering::SeqCst), 1);
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the task ends when stopped")
-            .unwrap();
+        w.stop().await;
     }
 
     #[test]
