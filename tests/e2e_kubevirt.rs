@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use common::receiver::{describe, Receiver, Recorded, Series};
 use common::session::{
-    fd_count, free_port, require_session_daemons, Pod, SessionDaemon, Vmi, Workspace,
+    fd_count, free_port, require_session_daemons, start_all, Pod, SessionDaemon, Vmi, Workspace,
 };
 use common::{wait_until, Agent};
 
@@ -361,39 +361,15 @@ fn signed_ms(t: Instant, origin: Instant) -> f64 {
 /// Start pods `tags` in parallel, each with one running VMI `kv-<tag>/vmi-<tag>`, and publish their
 /// sockets under `kubelet_root`.
 fn start_pods(ws: &Workspace, kubelet_root: &Path, tags: &[&str]) -> Vec<(Pod, Vmi)> {
-    let results: Vec<anyhow::Result<(Pod, Vmi)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = tags
-            .iter()
-            .map(|tag| {
-                s.spawn(move || -> anyhow::Result<(Pod, Vmi)> {
-                    let pod = Pod::start(ws, kubelet_root, tag)?;
-                    let vmi = Vmi::new(&format!("kv-{tag}"), &format!("vmi-{tag}"));
-                    pod.daemon.define(&vmi)?;
-                    pod.daemon.start_domain(&vmi)?;
-                    pod.publish()?;
-                    Ok((pod, vmi))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("pod thread panicked")))
-            })
-            .collect()
-    });
-    let mut pods = Vec::new();
-    let mut errors = Vec::new();
-    for r in results {
-        match r {
-            Ok(p) => pods.push(p),
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-    // Pods already started are dropped (cleaned) by the panic's unwinding.
-    assert!(errors.is_empty(), "starting pods: {}", errors.join("\n"));
-    pods
+    start_all(tags.len(), tags.len(), |i| {
+        let tag = tags[i];
+        let pod = Pod::start(ws, kubelet_root, tag)?;
+        let vmi = Vmi::new(&format!("kv-{tag}"), &format!("vmi-{tag}"));
+        pod.daemon.define(&vmi)?;
+        pod.daemon.start_domain(&vmi)?;
+        pod.publish()?;
+        Ok((pod, vmi))
+    })
 }
 
 /// The agent's open descriptors once they stop changing (3 equal samples 100 ms apart, at most 3 s).

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::receiver::Receiver;
 use common::reliability::proc_stats;
-use common::session::{require_session_daemons, Pod, Vmi, Workspace};
+use common::session::{require_session_daemons, start_all, Pod, Vmi, Workspace};
 use common::{wait_until, Agent};
 
 const METRIC: &str = "kubevirt_vmi_hypervisor_info";
@@ -43,33 +43,11 @@ fn pods_wanted() -> usize {
 
 /// Start `n` pods (no domains), `START_WORKERS` at a time, and publish their sockets.
 fn start_pods(ws: &Workspace, kubelet_root: &std::path::Path, n: usize) -> Vec<Pod> {
-    let mut pods = Vec::with_capacity(n);
-    let tags: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
-    for chunk in tags.chunks(START_WORKERS) {
-        let started: Vec<anyhow::Result<Pod>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|tag| {
-                    s.spawn(move || -> anyhow::Result<Pod> {
-                        let pod = Pod::start(ws, kubelet_root, tag)?;
-                        pod.publish()?;
-                        Ok(pod)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("pod thread panicked")))
-                })
-                .collect()
-        });
-        for p in started {
-            pods.push(p.unwrap_or_else(|e| panic!("starting pods: {e:#}")));
-        }
-    }
-    pods
+    start_all(n, START_WORKERS, |i| {
+        let pod = Pod::start(ws, kubelet_root, &format!("p{i}"))?;
+        pod.publish()?;
+        Ok(pod)
+    })
 }
 
 fn ups(rx: &Receiver) -> usize {

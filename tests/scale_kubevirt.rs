@@ -24,11 +24,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::receiver::{describe, Receiver, Recorded};
-use common::session::{fd_count, require_session_daemons, Pod, Vmi, Workspace};
+use common::session::{fd_count, require_session_daemons, start_all, Pod, Vmi, Workspace};
 use common::Agent;
 
 const METRIC: &str = "kubevirt_vmi_hypervisor_info";
@@ -352,49 +351,18 @@ fn start_paused(pod: &Pod, vmi: &Vmi) -> anyhow::Result<()> {
 }
 
 /// One pod started, or why not.
-type PodResult = anyhow::Result<(Pod, Vmi)>;
-
 /// Start `n` pods, `START_WORKERS` at a time, each with one paused VMI `kv-sNN/vmi-sNN`, published
 /// under `kubelet_root`. In index order.
 fn start_pods(ws: &Workspace, kubelet_root: &Path, n: usize) -> Vec<(Pod, Vmi)> {
-    let next = Mutex::new(0usize);
-    let slots: Mutex<Vec<Option<PodResult>>> = Mutex::new((0..n).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..START_WORKERS.min(n) {
-            s.spawn(|| loop {
-                let i = {
-                    let mut next = next.lock().unwrap();
-                    let i = *next;
-                    *next += 1;
-                    i
-                };
-                if i >= n {
-                    return;
-                }
-                let tag = format!("s{i:02}");
-                let result = (|| -> PodResult {
-                    let pod = Pod::start(ws, kubelet_root, &tag)?;
-                    let vmi = Vmi::new(&format!("kv-{tag}"), &format!("vmi-{tag}"));
-                    pod.daemon.define(&vmi)?;
-                    start_paused(&pod, &vmi)?;
-                    pod.publish()?;
-                    Ok((pod, vmi))
-                })();
-                slots.lock().unwrap()[i] = Some(result);
-            });
-        }
-    });
-    let mut pods = Vec::new();
-    let mut errors = Vec::new();
-    for r in slots.into_inner().unwrap().into_iter().flatten() {
-        match r {
-            Ok(p) => pods.push(p),
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-    // Pods already started are cleaned by the panic's unwinding.
-    assert!(errors.is_empty(), "starting pods: {}", errors.join("\n"));
-    pods
+    start_all(n, START_WORKERS, |i| {
+        let tag = format!("s{i:02}");
+        let pod = Pod::start(ws, kubelet_root, &tag)?;
+        let vmi = Vmi::new(&format!("kv-{tag}"), &format!("vmi-{tag}"));
+        pod.daemon.define(&vmi)?;
+        start_paused(&pod, &vmi)?;
+        pod.publish()?;
+        Ok((pod, vmi))
+    })
 }
 
 /// A stride coprime with `n`, so that consecutive transitions hit different pods and all are hit.

@@ -762,6 +762,44 @@ impl Drop for Pod {
     }
 }
 
+/// Run `start(i)` for every `i` in `0..n` on at most `workers` threads (a work queue taken in
+/// index order) and return the results in index order. Once all have ended, panics naming every
+/// failure (a panic in `start` is one); what did start is dropped, and so cleaned, by the
+/// unwinding.
+pub fn start_all<T: Send>(
+    n: usize,
+    workers: usize,
+    start: impl Fn(usize) -> Result<T> + Sync,
+) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: std::sync::Mutex<Vec<Option<Result<T>>>> =
+        std::sync::Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(i)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("starting #{i} panicked")));
+                slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
+            });
+        }
+    });
+    let mut started = Vec::with_capacity(n);
+    let mut errors = Vec::new();
+    let slots = slots.into_inner().unwrap_or_else(|p| p.into_inner());
+    for r in slots.into_iter().flatten() {
+        match r {
+            Ok(t) => started.push(t),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    assert!(errors.is_empty(), "starting pods: {}", errors.join("\n"));
+    started
+}
+
 /// A free TCP port on 127.0.0.1 (for a migration stream).
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
