@@ -67,6 +67,24 @@ fn inventory(args: &[&str], json: bool) -> (i32, String, String) {
 }
 
 /// No line of `text` may start with the forged text (or anything but what the agent wrote).
+/// `virt-hypervisor-agent ARGS… run` watching `uris` (comma-separated), exporting to `rx` over
+/// gRPC every second, logging at info.
+fn run_exporting(args: &[&str], uris: &str, rx: &Receiver) -> Agent {
+    Agent::spawn(
+        &[args, &["run"]].concat(),
+        &[
+            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", uris),
+            (
+                "VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT",
+                &rx.grpc_endpoint(),
+            ),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .unwrap()
+}
+
 fn assert_no_forged_line(what: &str, text: &str) {
     for line in text.lines() {
         assert!(
@@ -118,19 +136,7 @@ fn colliding_domains_export_one_series_each_with_a_warning_and_a_self_metric() {
     let rx = Receiver::start().unwrap();
     let since = Instant::now();
     let uris = format!("{},{}", uri(&a), uri(&b));
-    let mut agent = Agent::spawn(
-        &["run"],
-        &[
-            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", uris.as_str()),
-            (
-                "VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT",
-                &rx.grpc_endpoint(),
-            ),
-            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
-            ("RUST_LOG", "info"),
-        ],
-    )
-    .unwrap();
+    let mut agent = run_exporting(&[], &uris, &rx);
     let obs = rx
         .wait_for_request(since, Duration::from_secs(20), |r| {
             r.series("kubevirt_vmi_hypervisor_info").len() == 5
@@ -188,19 +194,7 @@ fn sets_beyond_the_cardinality_limit_are_warned_counted_and_shown_by_inventory()
     let rx = Receiver::start().unwrap();
     let since = Instant::now();
     let uri = uri(&node);
-    let mut agent = Agent::spawn(
-        &[&limit[..], &["run"]].concat(),
-        &[
-            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", uri.as_str()),
-            (
-                "VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT",
-                &rx.grpc_endpoint(),
-            ),
-            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
-            ("RUST_LOG", "info"),
-        ],
-    )
-    .unwrap();
+    let mut agent = run_exporting(&limit, &uri, &rx);
     let obs = rx
         .wait_for_request(since, Duration::from_secs(20), |r| {
             r.series("virt_hypervisor_agent_info_sets_over_limit")
