@@ -173,15 +173,7 @@ start_libvirt() {
     ct systemd-run --quiet --unit=vha-virtlogd /usr/sbin/virtlogd
     ct systemd-run --quiet --unit=vha-libvirtd /usr/sbin/libvirtd
     wait_for 30 "qemu:///system answering in the container" ct virsh -c qemu:///system list
-    cat >"$work/root/root/sys.xml" <<EOF
-<domain type='qemu'>
-  <name>$SYS_DOMAIN</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><serial type='pty'/></devices>
-</domain>
-EOF
+    tcg_domain_xml "$SYS_DOMAIN" >"$work/root/root/sys.xml"
     ct virsh -q -c qemu:///system define /root/sys.xml >/dev/null
     ct virsh -q -c qemu:///system start "$SYS_DOMAIN" >/dev/null
     node_log "qemu:///system in the container runs TCG domain $SYS_DOMAIN"
@@ -203,16 +195,7 @@ start_launcher() {
     local st
     st=$(ct stat -c '%u %a %F' "$rt/libvirt-sock")
     [[ $st == "107 700 socket" ]] || node_fail "launcher socket $rt/libvirt-sock is '$st', expected '107 700 socket'"
-    cat >"$work/root/root/vmi.xml" <<EOF
-<domain type='qemu'>
-  <name>${VMI_NS}_${VMI_NAME}</name>
-  <metadata><kubevirt xmlns="http://kubevirt.io"><uid>$(cat /proc/sys/kernel/random/uuid)</uid></kubevirt></metadata>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><serial type='pty'/></devices>
-</domain>
-EOF
+    tcg_domain_xml "${VMI_NS}_${VMI_NAME}" kubevirt >"$work/root/root/vmi.xml"
     local uri="qemu+unix:///session?socket=$d/run/libvirt/libvirt-sock"
     ct virsh -q -c "$uri" define /root/vmi.xml >/dev/null
     ct virsh -q -c "$uri" start "${VMI_NS}_${VMI_NAME}" >/dev/null

@@ -115,16 +115,7 @@ start_launcher() {
     local st
     st=$(stat -c '%u %a %F' "$rt/libvirt-sock")
     [[ $st == "$LAUNCHER_UID 700 socket" ]] || node_fail "launcher socket is '$st'"
-    cat >"$d/vmi.xml" <<EOF
-<domain type='qemu'>
-  <name>vha-ns_$vmi</name>
-  <metadata><kubevirt xmlns="http://kubevirt.io"><uid>$(cat /proc/sys/kernel/random/uuid)</uid></kubevirt></metadata>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><serial type='pty'/></devices>
-</domain>
-EOF
+    tcg_domain_xml "vha-ns_$vmi" kubevirt >"$d/vmi.xml"
     local uri="qemu+unix:///session?socket=$d/run/libvirt/libvirt-sock"
     timeout 60 virsh -q -c "$uri" define "$d/vmi.xml" >/dev/null
     timeout 60 virsh -q -c "$uri" start "vha-ns_$vmi" >/dev/null

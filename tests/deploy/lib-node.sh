@@ -74,6 +74,17 @@ need_pkgs() {
     fi
 }
 
+# tcg_domain_xml NAME [kubevirt]: a minimal TCG domain (32 MiB, 1 vCPU, a pty serial), with a
+# KubeVirt <uid> of its own when the second argument is "kubevirt".
+tcg_domain_xml() {
+    local meta=
+    if [[ ${2:-} == kubevirt ]]; then
+        meta="  <metadata><kubevirt xmlns=\"http://kubevirt.io\"><uid>$(cat /proc/sys/kernel/random/uuid)</uid></kubevirt></metadata>
+"
+    fi
+    printf "<domain type='qemu'>\n  <name>%s</name>\n%s  <memory unit='MiB'>32</memory>\n  <vcpu>1</vcpu>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  <devices><serial type='pty'/></devices>\n</domain>\n" "$1" "$meta"
+}
+
 # recipe_hash FUNCTION...: a short hash of the functions' source text (the cache key).
 recipe_hash() {
     local f
