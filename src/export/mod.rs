@@ -399,6 +399,26 @@ fn connection_attribute(m: &telemetry::ConnMeta) -> [KeyValue; 1] {
     )]
 }
 
+/// An observable counter with one point per connection, labelled `connection`.
+fn connection_counter(
+    meter: &opentelemetry::metrics::Meter,
+    telemetry: &Arc<Telemetry>,
+    name: &'static str,
+    description: &'static str,
+    value: fn(&telemetry::ConnMeta) -> u64,
+) {
+    let tel = Arc::clone(telemetry);
+    meter
+        .u64_observable_counter(name)
+        .with_description(description)
+        .with_callback(move |obs| {
+            for m in tel.connection_meta().values() {
+                obs.observe(value(m), &connection_attribute(m));
+            }
+        })
+        .build();
+}
+
 /// Register the info gauge and the self-metrics on `provider`. Their callbacks run at each
 /// collection: they read the inventory snapshot and the connection table (both shared `Arc`s,
 /// rebuilt only after a change) and never call libvirt.
@@ -454,29 +474,20 @@ pub fn register_instruments(
         })
         .build();
 
-    let tel = Arc::clone(&telemetry);
-    let _reconnects = meter
-        .u64_observable_counter("virt_hypervisor_agent_reconnects")
-        .with_description("Successful reconnections of a libvirt connection after it was lost")
-        .with_callback(move |obs| {
-            for m in tel.connection_meta().values() {
-                obs.observe(m.reconnects, &connection_attribute(m));
-            }
-        })
-        .build();
-
-    let tel = Arc::clone(&telemetry);
-    let _dropped = meter
-        .u64_observable_counter("virt_hypervisor_agent_lifecycle_events_dropped")
-        .with_description(
-            "Lifecycle events of a connection dropped because its backlog (libvirt.event_backlog) was full; a burst of drops triggers one resync of that connection",
-        )
-        .with_callback(move |obs| {
-            for m in tel.connection_meta().values() {
-                obs.observe(m.dropped_events, &connection_attribute(m));
-            }
-        })
-        .build();
+    connection_counter(
+        &meter,
+        &telemetry,
+        "virt_hypervisor_agent_reconnects",
+        "Successful reconnections of a libvirt connection after it was lost",
+        |m| m.reconnects,
+    );
+    connection_counter(
+        &meter,
+        &telemetry,
+        "virt_hypervisor_agent_lifecycle_events_dropped",
+        "Lifecycle events of a connection dropped because its backlog (libvirt.event_backlog) was full; a burst of drops triggers one resync of that connection",
+        |m| m.dropped_events,
+    );
 
     let tel = Arc::clone(&telemetry);
     let _sync = meter
