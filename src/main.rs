@@ -284,7 +284,7 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
     // only in it are shown as sharing a series).
     let conns = Telemetry::new();
     for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
-        conns.add_connection(i as u64 + 1, uri, None);
+        conns.add_connection(i as u64 + 1, uri, None, None);
     }
     let mut points = InfoPoints::new(&node, cfg.metric.attributes.clone())
         .with_cardinality_limit(cfg.metric.cardinality_limit)
@@ -315,6 +315,7 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                         Fate::Exported => "own",
                         Fate::Shared => "shared",
                         Fate::OverLimit => "over_limit",
+                        Fate::OverConnectionLimit => "over_connection_limit",
                     },
                 })
             })
@@ -344,6 +345,9 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     Fate::Exported => "",
                     Fate::Shared => "  (same series as a domain above)",
                     Fate::OverLimit => "  (over metric.cardinality_limit: not exported)",
+                    Fate::OverConnectionLimit => {
+                        "  (over libvirt.discover.max_domains_per_socket: not exported)"
+                    }
                 }
             );
         }

@@ -388,6 +388,36 @@ fn malformed() -> Vec<Case> {
             &["libvirt.discover.rescan_interval", "\"0s\""],
         ),
         (
+            "a socket owner that is not a uid",
+            yaml("libvirt:\n  discover:\n    socket_owners: [107, qemu]\n"),
+            &[
+                "libvirt.discover.socket_owners[1]",
+                "\"qemu\"",
+                "whole number from 0 to 4294967295",
+            ],
+        ),
+        (
+            "a negative socket owner from the environment",
+            env(&[(
+                "VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__SOCKET_OWNERS",
+                "107,-1",
+            )]),
+            &["libvirt.discover.socket_owners[1]", "\"-1\""],
+        ),
+        (
+            "no socket owner",
+            yaml("libvirt:\n  discover:\n    socket_owners: []\n"),
+            &["libvirt.discover.socket_owners", "1 to 64 uids"],
+        ),
+        (
+            "a zero domain bound per socket",
+            yaml("libvirt:\n  discover:\n    max_domains_per_socket: 0\n"),
+            &[
+                "libvirt.discover.max_domains_per_socket",
+                "from 1 to 100000",
+            ],
+        ),
+        (
             "zero export timeout",
             yaml("export:\n  timeout: 0s\n"),
             &["export.timeout", "\"0s\"", "from 100ms to 10m"],
@@ -746,6 +776,10 @@ fn env_values_are_coerced_to_lists_maps_numbers_and_bools() {
             "pods/*/sock",
         ),
         ("VIRT_HYPERVISOR_AGENT_METRIC__CARDINALITY_LIMIT", "50000"),
+        (
+            "VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__SOCKET_OWNERS",
+            "107, 0,1000",
+        ),
         ("VIRT_HYPERVISOR_AGENT_METRIC__ATTRIBUTES__UUID", "true"),
         (
             "VIRT_HYPERVISOR_AGENT_EXPORT__HEADERS",
@@ -760,6 +794,7 @@ fn env_values_are_coerced_to_lists_maps_numbers_and_bools() {
     assert_eq!(cfg.libvirt.keepalive_count, 5);
     assert!(cfg.libvirt.discover.enabled);
     assert_eq!(cfg.libvirt.discover.globs, ["pods/*/sock"]);
+    assert_eq!(cfg.libvirt.discover.socket_owners, [107, 0, 1000]);
     assert_eq!(cfg.metric.cardinality_limit, 50_000);
     assert!(cfg.metric.attributes.uuid);
     assert_eq!(

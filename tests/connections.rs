@@ -166,6 +166,7 @@ fn a_removed_hung_connection_closes_off_the_worker() {
     cfg.libvirt.resync_interval = Duration::ZERO;
     cfg.libvirt.discover.enabled = true;
     cfg.libvirt.discover.kubelet_root = root.clone();
+    cfg.libvirt.discover.socket_owners = vec![common::session::ensure_user().unwrap().0];
     cfg.export.shutdown_timeout = Duration::from_secs(2);
     let agent = Running::start(cfg);
     let conns = || agent.0.telemetry.connection_meta().len();

@@ -246,10 +246,9 @@ fn spawn_agent(ws: &Workspace, node: &str, kubelet_root: &Path, rx: &Receiver) -
     let config = ws.path().join(format!("agent-{node}.yaml"));
     let yaml = format!(
         "libvirt:\n  uris: []\n  keepalive_interval: 1s\n  keepalive_count: 2\n  fetch_timeout: 3s\n  \
-         reconnect:\n    initial_backoff: 200ms\n    max_backoff: 1s\n  discover:\n    enabled: true\n    \
-         kubelet_root: {root}\n    rescan_interval: 10m\nexport:\n  exporter: otlp\n  protocol: grpc\n  \
+         reconnect:\n    initial_backoff: 200ms\n    max_backoff: 1s\n{discover}    rescan_interval: 10m\nexport:\n  exporter: otlp\n  protocol: grpc\n  \
          endpoint: {endpoint}\n  interval: 30s\n  debounce: 250ms\n",
-        root = kubelet_root.display(),
+        discover = common::session::discover_yaml(kubelet_root),
         endpoint = rx.grpc_endpoint(),
     );
     std::fs::write(&config, yaml).expect("write the agent config");

@@ -75,10 +75,9 @@ fn hung_pods_neither_starve_the_healthy_ones_nor_hold_the_exit() {
         format!(
             "libvirt:\n  uris: []\n  keepalive_interval: 1s\n  keepalive_count: 2\n  fetch_timeout: 3s\n  \
              fetch_concurrency: {FETCH_CONCURRENCY}\n  resync_interval: 1s\n  \
-             reconnect:\n    initial_backoff: 200ms\n    max_backoff: 1s\n  discover:\n    enabled: true\n    \
-             kubelet_root: {root}\n    rescan_interval: 10m\nexport:\n  exporter: otlp\n  protocol: grpc\n  \
+             reconnect:\n    initial_backoff: 200ms\n    max_backoff: 1s\n{discover}    rescan_interval: 10m\nexport:\n  exporter: otlp\n  protocol: grpc\n  \
              endpoint: {endpoint}\n  interval: 1s\n  debounce: 50ms\n  shutdown_timeout: {shutdown}s\n",
-            root = root.display(),
+            discover = common::session::discover_yaml(&root),
             endpoint = rx.grpc_endpoint(),
             shutdown = SHUTDOWN_TIMEOUT.as_secs(),
         ),

@@ -670,10 +670,9 @@ fn live_migration_shows_one_series_right_after() {
         std::fs::write(
             &config,
             format!(
-                "libvirt:\n  uris: []\n  keepalive_interval: 1s\n  keepalive_count: 2\n  discover:\n    \
-                 enabled: true\n    kubelet_root: {}\nexport:\n  protocol: grpc\n  endpoint: {}\n  \
-                 interval: 30s\n  debounce: 250ms\n",
-                root.display(),
+                "libvirt:\n  uris: []\n  keepalive_interval: 1s\n  keepalive_count: 2\n{}\
+                 export:\n  protocol: grpc\n  endpoint: {}\n  interval: 30s\n  debounce: 250ms\n",
+                common::session::discover_yaml(root),
                 col.grpc_endpoint()
             ),
         )

@@ -324,10 +324,10 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 fn write_config(ws: &Workspace, node: &str, kubelet_root: &Path, rx: &Receiver) -> String {
     let config = ws.path().join(format!("agent-{node}.yaml"));
     let yaml = format!(
-        "libvirt:\n  uris: []\n  discover:\n    enabled: true\n    kubelet_root: {root}\n\
+        "libvirt:\n  uris: []\n{discover}\
          export:\n  exporter: otlp\n  protocol: grpc\n  endpoint: {endpoint}\n  interval: 30s\n  \
          debounce: 250ms\n",
-        root = kubelet_root.display(),
+        discover = common::session::discover_yaml(kubelet_root),
         endpoint = rx.grpc_endpoint(),
     );
     std::fs::write(&config, yaml).unwrap();

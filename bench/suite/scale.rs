@@ -87,7 +87,7 @@ fn fill_telemetry(tel: &Telemetry, conns: usize) {
         ));
         let (label, _) = virt_hypervisor_agent::discovery::paths::socket_uris(&path);
         let uid = virt_hypervisor_agent::discovery::paths::pod_uid(&path);
-        tel.add_connection(id, &label, uid);
+        tel.add_connection(id, &label, uid, None);
         tel.set_up(id, true, Some("9.0.0".to_string()));
         tel.set_last_sync(id, Duration::from_millis(3));
         tel.count_event(Lifecycle::Started);

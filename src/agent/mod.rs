@@ -238,7 +238,8 @@ impl Agent {
                 _ = &mut shutdown => break,
                 Some(change) = changes.recv() => match change {
                     Change::Appeared(path) => {
-                        let id = registry.add(launcher(&path), None);
+                        let limit = cfg.libvirt.discover.max_domains_per_socket;
+                        let id = registry.add(launcher(&path, limit), None);
                         launchers.insert(path, id);
                     }
                     Change::Vanished(path) => {
@@ -246,6 +247,17 @@ impl Agent {
                             tracing::info!(socket = %path.display(), "launcher socket removed; dropping its connection and domains");
                             registry.remove(id);
                         }
+                    }
+                    Change::Rejected(path, why) => {
+                        shared.telemetry.count_rejection(why);
+                        tracing::warn!(
+                            socket = %path.display(),
+                            reason = why.as_str(),
+                            owners = ?cfg.libvirt.discover.socket_owners,
+                            "not connecting to a path that matches a discovery glob: it must be a \
+                             unix socket, reached without symlinks below libvirt.discover.kubelet_root, \
+                             and owned by a uid in libvirt.discover.socket_owners"
+                        );
                     }
                 },
                 _ = registry.reap() => {}
@@ -281,7 +293,7 @@ impl Agent {
 
 /// A discovered launcher socket as a connection: labelled by its real path, opened through a
 /// short alias when the path is too long for a unix socket address.
-fn launcher(path: &Path) -> NewConnection {
+fn launcher(path: &Path, domain_limit: usize) -> NewConnection {
     let (label, _) = paths::socket_uris(path);
     let (dir, connect) = discovery::connect_path(path);
     let (uri, fallback) = paths::socket_uris(&connect);
@@ -292,6 +304,7 @@ fn launcher(path: &Path) -> NewConnection {
         uri,
         fallback_uri: Some(fallback),
         pod_uid,
+        domain_limit: Some(domain_limit),
         dir,
     }
 }

@@ -32,6 +32,8 @@ pub struct NewConnection {
     pub uri: String,
     pub fallback_uri: Option<String>,
     pub pod_uid: Option<String>,
+    /// Most domains exported for it (`None`: only the global cardinality limit).
+    pub domain_limit: Option<usize>,
     /// Held open as long as the connection lives (a launcher socket reached through a
     /// `/proc/self/fd` alias of its directory).
     pub dir: Option<std::fs::File>,
@@ -45,6 +47,7 @@ impl NewConnection {
             uri: uri.to_string(),
             fallback_uri: None,
             pod_uid: None,
+            domain_limit: None,
             dir: None,
         }
     }
@@ -87,7 +90,7 @@ impl Registry {
         self.next_id += 1;
         self.shared
             .telemetry
-            .add_connection(id, &new.label, new.pod_uid.clone());
+            .add_connection(id, &new.label, new.pod_uid.clone(), new.domain_limit);
         self.shared.lock_inventory().add_connection(id);
         let (stop, stop_rx) = watch::channel(None);
         let spec = ConnSpec {

@@ -31,6 +31,9 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// Bounds on list and map lengths (each is checked item by item).
 pub const MAX_URIS: usize = 1024;
 pub const MAX_GLOBS: usize = 64;
+pub const MAX_SOCKET_OWNERS: usize = 64;
+/// `libvirt.discover.max_domains_per_socket`: far above any real launcher, still a bound.
+pub const MAX_DOMAINS_PER_SOCKET: usize = 100_000;
 pub const MAX_HEADERS: usize = 64;
 
 // The config file and its YAML.

@@ -46,6 +46,12 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// Owners of the launcher sockets KubeVirt makes: 107 (its non-root virt-launcher, the `qemu`
+/// user) and 0 (the root launcher).
+pub const DEFAULT_SOCKET_OWNERS: [u32; 2] = [107, 0];
+/// A launcher pod runs one VMI; a migration target briefly holds a second. Leaves room for both
+/// and a little more, while one socket reporting thousands of domains cannot crowd out the rest.
+pub const DEFAULT_MAX_DOMAINS_PER_SOCKET: usize = 4;
 pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
@@ -127,6 +133,10 @@ pub struct DiscoverConfig {
     pub globs: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub rescan_interval: Duration,
+    /// Uids that may own a discovered socket; a socket owned by anyone else is not connected to.
+    pub socket_owners: Vec<u32>,
+    /// Domains exported per discovered socket; the rest are counted, not exported.
+    pub max_domains_per_socket: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -259,6 +269,8 @@ impl Default for DiscoverConfig {
                 .map(|s| s.to_string())
                 .collect(),
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
+            socket_owners: DEFAULT_SOCKET_OWNERS.to_vec(),
+            max_domains_per_socket: DEFAULT_MAX_DOMAINS_PER_SOCKET,
         }
     }
 }

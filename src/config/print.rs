@@ -46,7 +46,7 @@ fn write_section(
                 out.push_str(&format!("{indent}{}:\n", field.name));
                 write_section(out, depth + 1, &key, inner, map);
             }
-            (Kind::List, J::Array(items)) if !items.is_empty() => {
+            (Kind::List | Kind::UIntList { .. }, J::Array(items)) if !items.is_empty() => {
                 out.push_str(&format!("{indent}{}:\n", field.name));
                 for item in items {
                     out.push_str(&format!("{indent}  - {item}\n"));

@@ -3,7 +3,8 @@
 //! a unit test.
 
 use super::limits::{
-    MAX_CARDINALITY_LIMIT, MAX_EVENT_BACKLOG, MAX_FETCH_CONCURRENCY, MAX_KEEPALIVE_COUNT,
+    MAX_CARDINALITY_LIMIT, MAX_DOMAINS_PER_SOCKET, MAX_EVENT_BACKLOG, MAX_FETCH_CONCURRENCY,
+    MAX_KEEPALIVE_COUNT,
 };
 use super::ENV_PREFIX;
 
@@ -25,6 +26,10 @@ pub(crate) enum Kind {
     Duration,
     /// A list of strings; from a string, comma-separated.
     List,
+    /// A list of whole numbers up to `max`; from a string, comma-separated.
+    UIntList {
+        max: u64,
+    },
     /// A map of strings; from a string, `k=v,k2=v2`.
     Map,
     /// One of these strings (case-insensitive; the first spelling of each is canonical).
@@ -102,6 +107,16 @@ pub(crate) const SCHEMA: &[Field] = &[
                     req("kubelet_root", Kind::Path),
                     req("globs", Kind::List),
                     req("rescan_interval", Kind::Duration),
+                    req(
+                        "socket_owners",
+                        Kind::UIntList {
+                            max: u32::MAX as u64,
+                        },
+                    ),
+                    req(
+                        "max_domains_per_socket",
+                        usize_in(1, MAX_DOMAINS_PER_SOCKET),
+                    ),
                 ]),
             ),
         ]),
@@ -192,6 +207,10 @@ pub(super) fn expected(kind: &Kind) -> String {
         Kind::List => {
             "expected a list of strings (in the environment or a flag: comma-separated, a,b)".into()
         }
+        Kind::UIntList { max } => format!(
+            "expected a list of whole numbers from 0 to {max} (in the environment or a flag: \
+             comma-separated, 107,0)"
+        ),
         Kind::Map => "expected a map of strings (in the environment or a flag: k=v,k2=v2)".into(),
         Kind::Enum(allowed) => format!("expected one of {}", allowed.join(", ")),
     }

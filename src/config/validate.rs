@@ -260,6 +260,23 @@ impl AgentConfig {
                 ));
             }
         }
+        if d.socket_owners.is_empty() || d.socket_owners.len() > MAX_SOCKET_OWNERS {
+            errs.push(ConfigError::invalid(
+                "libvirt.discover.socket_owners",
+                "value",
+                format!("a list of {} uids", d.socket_owners.len()),
+                format!(
+                    "expected 1 to {MAX_SOCKET_OWNERS} uids that may own a launcher socket, \
+                     like [107, 0] (KubeVirt's non-root and root launchers)"
+                ),
+            ));
+        }
+        check_count(
+            errs,
+            "libvirt.discover.max_domains_per_socket",
+            d.max_domains_per_socket,
+            MAX_DOMAINS_PER_SOCKET,
+        );
         check_range(
             errs,
             "libvirt.discover.rescan_interval",

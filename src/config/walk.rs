@@ -166,22 +166,40 @@ impl Walker {
                 }
                 b.map(J::Bool)
             }
-            Kind::UInt { max, .. } => {
-                let n = match &value.kind {
-                    ValueKind::I64(n) => u64::try_from(*n).ok(),
-                    ValueKind::U64(n) => Some(*n),
-                    ValueKind::I128(n) => u64::try_from(*n).ok(),
-                    ValueKind::U128(n) => u64::try_from(*n).ok(),
-                    ValueKind::String(s) => s.trim().parse::<u64>().ok(),
-                    _ => None,
-                };
-                match n {
-                    Some(n) if n <= max => Some(J::from(n)),
+            Kind::UInt { max, .. } => match whole_number(&value) {
+                Some(n) if n <= max => Some(J::from(n)),
+                _ => {
+                    self.invalid(key, "value", &value, expected(&field.kind));
+                    None
+                }
+            },
+            Kind::UIntList { max } => {
+                let items: Vec<Value> = match &value.kind {
+                    ValueKind::String(s) => s
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|item| !item.is_empty())
+                        .map(|item| Value::from(item.to_string()))
+                        .collect(),
+                    ValueKind::Array(items) => items.clone(),
                     _ => {
                         self.invalid(key, "value", &value, expected(&field.kind));
-                        None
+                        return None;
+                    }
+                };
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match whole_number(item) {
+                        Some(n) if n <= max => out.push(J::from(n)),
+                        _ => self.invalid(
+                            &format!("{key}[{i}]"),
+                            "value",
+                            item,
+                            format!("expected a whole number from 0 to {max}"),
+                        ),
                     }
                 }
+                Some(J::Array(out))
             }
             Kind::Duration => {
                 let text = match &value.kind {
@@ -289,6 +307,18 @@ impl Walker {
 }
 
 /// A scalar as a string (YAML `node_name: 42` is the string `42`); `None` for lists, maps, null.
+/// A whole number, from a number or from text.
+fn whole_number(value: &Value) -> Option<u64> {
+    match &value.kind {
+        ValueKind::I64(n) => u64::try_from(*n).ok(),
+        ValueKind::U64(n) => Some(*n),
+        ValueKind::I128(n) => u64::try_from(*n).ok(),
+        ValueKind::U128(n) => u64::try_from(*n).ok(),
+        ValueKind::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    }
+}
+
 fn scalar_string(value: &Value) -> Option<String> {
     match &value.kind {
         ValueKind::String(s) => Some(s.clone()),

@@ -13,7 +13,7 @@
 
 pub mod paths;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 pub enum Change {
     Appeared(PathBuf),
     Vanished(PathBuf),
+    /// A path matching a glob failed the checks of [`paths::vet`]: reported once while it stays
+    /// rejected for the same reason (again if it goes away and comes back).
+    Rejected(PathBuf, paths::Rejection),
 }
 
 /// Run discovery until `stop` turns true or the receiver of `changes` is gone.
@@ -44,15 +47,36 @@ pub async fn run(
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel::<()>();
     let mut watches = Watches::new(fs_tx);
     let mut known: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut rejected: BTreeMap<PathBuf, paths::Rejection> = BTreeMap::new();
+    let root = cfg.kubelet_root.clone();
+    let owners = cfg.socket_owners.clone();
 
     loop {
         let (g, l, d) = (globs.clone(), levels.clone(), deep.clone());
+        let (root, owners) = (root.clone(), owners.clone());
         let scanned = tokio::task::spawn_blocking(move || {
-            let found: BTreeSet<PathBuf> = paths::scan(&g).into_iter().collect();
-            (found, paths::existing_dirs(&l), paths::existing_dirs(&d))
+            let mut found = BTreeSet::new();
+            let mut refused = BTreeMap::new();
+            for path in paths::scan(&g) {
+                match paths::vet(&path, &root, &owners) {
+                    paths::Verdict::Accept => {
+                        found.insert(path);
+                    }
+                    paths::Verdict::Reject(why) => {
+                        refused.insert(path, why);
+                    }
+                    paths::Verdict::Gone => {}
+                }
+            }
+            (
+                found,
+                refused,
+                paths::existing_dirs(&l),
+                paths::existing_dirs(&d),
+            )
         })
         .await;
-        let Ok((found, dirs, deep_dirs)) = scanned else {
+        let Ok((found, refused, dirs, deep_dirs)) = scanned else {
             tracing::error!("discovery scan panicked");
             break;
         };
@@ -62,9 +86,16 @@ pub async fn run(
         let gone: Vec<PathBuf> = known.difference(&found).cloned().collect();
         let new: Vec<PathBuf> = found.difference(&known).cloned().collect();
         known = found;
+        let newly_rejected: Vec<Change> = refused
+            .iter()
+            .filter(|(path, why)| rejected.get(*path) != Some(why))
+            .map(|(path, why)| Change::Rejected(path.clone(), *why))
+            .collect();
+        rejected = refused;
         let report = gone
             .into_iter()
             .map(Change::Vanished)
+            .chain(newly_rejected)
             .chain(new.into_iter().map(Change::Appeared));
         for change in report {
             if changes.send(change).await.is_err() {
@@ -91,16 +122,24 @@ pub async fn run(
 /// The path to connect to for the socket at `path`: the path itself when it fits a unix socket
 /// address, else `/proc/self/fd/<fd>/<name>` through a descriptor of its directory, returned
 /// with it (the caller keeps it open as long as the connection may reconnect). On a real node
-/// the launcher socket path (121 bytes with a pod UID) never fits the 107-byte limit.
+/// the launcher socket path (121 bytes with a pod UID) never fits the 107-byte limit. The
+/// directory is opened without following a link in its last component (`O_NOFOLLOW`), so a
+/// pod that swaps its socket directory for a symlink after [`paths::vet`] checked it does not
+/// redirect the connection.
 pub fn connect_path(path: &std::path::Path) -> (Option<std::fs::File>, PathBuf) {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     if !paths::too_long_for_unix_socket(path) {
         return (None, path.to_path_buf());
     }
     let Some(parent) = path.parent() else {
         return (None, path.to_path_buf());
     };
-    match std::fs::File::open(parent) {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(parent);
+    match opened {
         Ok(dir) => match paths::fd_alias(dir.as_raw_fd(), path) {
             Some(alias) => (Some(dir), alias),
             None => (None, path.to_path_buf()),

@@ -61,6 +61,78 @@ pub fn fd_alias(dir_fd: i32, path: &Path) -> Option<PathBuf> {
     (!too_long_for_unix_socket(&alias)).then_some(alias)
 }
 
+/// Why a path that matches a discovery glob is not connected to. A launcher socket's directory
+/// is a pod's emptyDir, writable by whoever runs in that pod: what is found there is checked
+/// before the agent's root process connects to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rejection {
+    /// Not a unix socket (a regular file, a fifo, a directory...).
+    NotSocket,
+    /// The path, or a directory on it below the kubelet root, is a symbolic link: it could lead
+    /// anywhere, such as the host's own libvirt socket or another pod's.
+    Symlink,
+    /// The socket's owner is not in `libvirt.discover.socket_owners`.
+    Owner,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [Rejection::NotSocket, Rejection::Symlink, Rejection::Owner];
+
+    /// The `reason` attribute of `virt_hypervisor_agent_discovery_rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::NotSocket => "not_socket",
+            Rejection::Symlink => "symlink",
+            Rejection::Owner => "owner",
+        }
+    }
+}
+
+/// What the checks found for one candidate path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Reject(Rejection),
+    /// It went away (or cannot be examined) between the glob and the check: not a candidate.
+    Gone,
+}
+
+/// Check a candidate socket without following links (`lstat` on each component): every
+/// component from below `kubelet_root` down to the socket must not be a symlink, and the socket
+/// must be a socket owned by one of `owners`. A path outside `kubelet_root` (an absolute glob
+/// the operator configured) has only its last component checked.
+pub fn vet(path: &Path, kubelet_root: &Path, owners: &[u32]) -> Verdict {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (mut at, rest) = match path.strip_prefix(kubelet_root) {
+        Ok(rest) => (kubelet_root.to_path_buf(), rest),
+        Err(_) => match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => (dir.to_path_buf(), Path::new(name)),
+            _ => return Verdict::Gone,
+        },
+    };
+    let mut last = None;
+    for part in rest.components() {
+        at.push(part);
+        let Ok(meta) = std::fs::symlink_metadata(&at) else {
+            return Verdict::Gone;
+        };
+        if meta.file_type().is_symlink() {
+            return Verdict::Reject(Rejection::Symlink);
+        }
+        last = Some(meta);
+    }
+    let Some(meta) = last else {
+        return Verdict::Gone;
+    };
+    if !meta.file_type().is_socket() {
+        Verdict::Reject(Rejection::NotSocket)
+    } else if !owners.contains(&meta.uid()) {
+        Verdict::Reject(Rejection::Owner)
+    } else {
+        Verdict::Accept
+    }
+}
+
 /// Every existing path matching any glob, sorted and de-duplicated.
 pub fn scan(globs: &[String]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
@@ -318,5 +390,118 @@ mod tests {
     #[test]
     fn invalid_glob_is_skipped_not_fatal() {
         assert!(scan(&["/tmp/[".to_string()]).is_empty());
+    }
+
+    /// A kubelet root with one pod emptyDir: `(root, the socket directory)`.
+    fn pod_dir(uid: &str) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root
+            .path()
+            .join("pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~empty-dir/libvirt-runtime");
+        std::fs::create_dir_all(&dir).unwrap();
+        (root, dir)
+    }
+
+    fn own_uid() -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").unwrap().uid()
+    }
+
+    #[test]
+    fn a_socket_of_an_allowed_owner_is_accepted() {
+        let (root, dir) = pod_dir("p1");
+        let sock = dir.join("virtqemud-sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert_eq!(vet(&sock, root.path(), &[own_uid()]), Verdict::Accept);
+    }
+
+    #[test]
+    fn a_socket_of_another_owner_is_rejected() {
+        let (root, dir) = pod_dir("p1");
+        let sock = dir.join("virtqemud-sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let other = own_uid().wrapping_add(1);
+        assert_eq!(
+            vet(&sock, root.path(), &[other]),
+            Verdict::Reject(Rejection::Owner)
+        );
+    }
+
+    #[test]
+    fn a_regular_file_or_fifo_is_not_a_socket() {
+        let (root, dir) = pod_dir("p1");
+        let file = dir.join("virtqemud-sock");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            vet(&file, root.path(), &[own_uid()]),
+            Verdict::Reject(Rejection::NotSocket)
+        );
+        let fifo = dir.join("libvirt-sock");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0);
+        assert_eq!(
+            vet(&fifo, root.path(), &[own_uid()]),
+            Verdict::Reject(Rejection::NotSocket)
+        );
+    }
+
+    #[test]
+    fn a_symlinked_socket_is_rejected_even_to_a_real_socket() {
+        let (root, dir) = pod_dir("p1");
+        let elsewhere = tempfile::tempdir().unwrap();
+        let real = elsewhere.path().join("host-sock");
+        let _l = std::os::unix::net::UnixListener::bind(&real).unwrap();
+        let link = dir.join("virtqemud-sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(
+            vet(&link, root.path(), &[own_uid()]),
+            Verdict::Reject(Rejection::Symlink)
+        );
+    }
+
+    #[test]
+    fn a_symlinked_directory_below_the_kubelet_root_is_rejected() {
+        // The pod's emptyDir itself is a link to a directory that holds a real socket.
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(elsewhere.path().join("virtqemud-sock"))
+            .unwrap();
+        let vols = root.path().join("pods/p1/volumes/kubernetes.io~empty-dir");
+        std::fs::create_dir_all(&vols).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), vols.join("libvirt-runtime")).unwrap();
+        let sock = vols.join("libvirt-runtime/virtqemud-sock");
+        assert!(sock.exists(), "reachable through the link");
+        assert_eq!(
+            vet(&sock, root.path(), &[own_uid()]),
+            Verdict::Reject(Rejection::Symlink)
+        );
+    }
+
+    #[test]
+    fn a_kubelet_root_that_is_itself_a_link_is_allowed() {
+        // Some distributions move /var/lib/kubelet elsewhere and leave a link: only what is
+        // below the root is a pod's to change.
+        let (real_root, dir) = pod_dir("p1");
+        let _l = std::os::unix::net::UnixListener::bind(dir.join("virtqemud-sock")).unwrap();
+        let holder = tempfile::tempdir().unwrap();
+        let root = holder.path().join("kubelet");
+        std::os::unix::fs::symlink(real_root.path(), &root).unwrap();
+        let sock =
+            root.join("pods/p1/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock");
+        assert_eq!(vet(&sock, &root, &[own_uid()]), Verdict::Accept);
+    }
+
+    #[test]
+    fn a_path_that_vanished_is_no_candidate() {
+        let (root, dir) = pod_dir("p1");
+        assert_eq!(
+            vet(&dir.join("virtqemud-sock"), root.path(), &[own_uid()]),
+            Verdict::Gone
+        );
     }
 }

@@ -515,6 +515,19 @@ pub fn register_instruments(
         .build();
 
     let tel = Arc::clone(&telemetry);
+    let _rejected = meter
+        .u64_observable_counter("virt_hypervisor_agent_discovery_rejected")
+        .with_description(
+            "Paths matching a discovery glob that were not connected to, by reason (not_socket, symlink, owner); each counted once while it stays rejected",
+        )
+        .with_callback(move |obs| {
+            for (reason, n) in tel.rejections() {
+                obs.observe(n, &[KeyValue::new("reason", reason)]);
+            }
+        })
+        .build();
+
+    let tel = Arc::clone(&telemetry);
     let _errors = meter
         .u64_observable_counter("virt_hypervisor_agent_xml_errors")
         .with_description(
@@ -556,13 +569,14 @@ fn register_info_checks(
     inventory: Arc<Mutex<Inventory>>,
     telemetry: Arc<Telemetry>,
 ) {
+    let (tel, pts) = (Arc::clone(&telemetry), Arc::clone(&points));
     let stats = move || {
         let snap = inventory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .snapshot();
-        let conns = telemetry.connection_meta();
-        let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = tel.connection_meta();
+        let mut points = pts.lock().unwrap_or_else(|p| p.into_inner());
         points.refresh(snap, conns).for_each(drop);
         points.stats()
     };
@@ -575,11 +589,29 @@ fn register_info_checks(
         )
         .with_callback(move |obs| obs.observe(read().collisions as i64, &[]))
         .build();
+    let read = Arc::clone(&stats);
     let _over = meter
         .i64_observable_gauge("virt_hypervisor_agent_info_sets_over_limit")
         .with_description(
             "Info attribute sets beyond metric.cardinality_limit, exported only as one otel.metric.overflow point",
         )
-        .with_callback(move |obs| obs.observe(stats().over_limit as i64, &[]))
+        .with_callback(move |obs| obs.observe(read().over_limit as i64, &[]))
+        .build();
+    let _over_conn = meter
+        .i64_observable_gauge("virt_hypervisor_agent_connection_domains_over_limit")
+        .with_description(
+            "Domains of a discovered launcher socket beyond libvirt.discover.max_domains_per_socket, not exported",
+        )
+        .with_callback(move |obs| {
+            stats();
+            let conns = telemetry.connection_meta();
+            let points = points.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, m) in conns.iter().filter(|(_, m)| m.domain_limit.is_some()) {
+                obs.observe(
+                    points.over_connection_limit(*id) as i64,
+                    &connection_attribute(m),
+                );
+            }
+        })
         .build();
 }

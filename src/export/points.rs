@@ -20,6 +20,13 @@
 //!   `otel.metric.overflow=true` point. The sets beyond it are counted
 //!   ([`PointStats::over_limit`], `virt_hypervisor_agent_info_sets_over_limit`), and a warning is
 //!   logged when it starts and a line when it clears.
+//! - **The per-connection bound.** A connection with a domain limit of its own (a discovered
+//!   launcher socket: `libvirt.discover.max_domains_per_socket`) has only its first domains,
+//!   by uuid, exported; the rest are counted per connection
+//!   ([`InfoPoints::over_connection_limit`], `virt_hypervisor_agent_connection_domains_over_limit`)
+//!   and warned about once when they appear. They take no part in the cardinality limit, so a
+//!   launcher daemon that reports thousands of domains cannot push another pod's VM into the
+//!   overflow point.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -29,7 +36,7 @@ use opentelemetry::{KeyValue, StringValue, Value};
 
 use super::telemetry::{ConnMeta, ConnTable};
 use crate::config::OptionalAttributes;
-use crate::inventory::{DomainRecord, Snapshot};
+use crate::inventory::{ConnId, DomainRecord, Snapshot};
 
 /// The info gauge's data points (value 1 each), kept between collections.
 #[derive(Debug)]
@@ -40,8 +47,10 @@ pub struct InfoPoints {
     conns: Option<Arc<ConnTable>>,
     /// In snapshot order (connection, uuid).
     points: Vec<(Arc<DomainRecord>, Box<[KeyValue]>)>,
-    /// Per point: whether it is the first with its attribute set (only those are observed).
-    first: Vec<bool>,
+    /// Per point: what it is to the export (only [`Role::First`] points are observed).
+    roles: Vec<Role>,
+    /// Domains beyond their connection's own limit, per connection that has any.
+    over_conn_limit: std::collections::BTreeMap<ConnId, usize>,
     /// `metric.cardinality_limit`.
     limit: usize,
     stats: PointStats,
@@ -59,6 +68,19 @@ pub struct PointStats {
     pub collisions: usize,
     /// Distinct sets beyond the cardinality limit, merged by the SDK into the overflow point.
     pub over_limit: usize,
+    /// Domains beyond their connection's own limit: not exported at all.
+    pub over_connection_limit: usize,
+}
+
+/// What one point is to the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// The first point with its attribute set: observed.
+    First,
+    /// An earlier point has the same attribute set.
+    Shared,
+    /// Beyond its connection's domain limit: not observed.
+    OverConnectionLimit,
 }
 
 /// What becomes of one domain's point, in snapshot order.
@@ -70,6 +92,8 @@ pub enum Fate {
     Shared,
     /// Its set is beyond the cardinality limit: merged into the overflow point.
     OverLimit,
+    /// Beyond its connection's own domain limit: not exported.
+    OverConnectionLimit,
 }
 
 /// An attribute set as a hash key (every value here is a string).
@@ -100,7 +124,8 @@ impl InfoPoints {
             snap: None,
             conns: None,
             points: Vec::new(),
-            first: Vec::new(),
+            roles: Vec::new(),
+            over_conn_limit: std::collections::BTreeMap::new(),
             limit: usize::MAX,
             stats: PointStats::default(),
             log: true,
@@ -127,20 +152,27 @@ impl InfoPoints {
     /// What becomes of each domain of the last refreshed snapshot, in snapshot order.
     pub fn fates(&self) -> Vec<Fate> {
         let mut sets = 0;
-        self.first
+        self.roles
             .iter()
-            .map(|first| {
-                if !first {
-                    return Fate::Shared;
-                }
-                sets += 1;
-                if sets > self.limit {
-                    Fate::OverLimit
-                } else {
-                    Fate::Exported
+            .map(|role| match role {
+                Role::Shared => Fate::Shared,
+                Role::OverConnectionLimit => Fate::OverConnectionLimit,
+                Role::First => {
+                    sets += 1;
+                    if sets > self.limit {
+                        Fate::OverLimit
+                    } else {
+                        Fate::Exported
+                    }
                 }
             })
             .collect()
+    }
+
+    /// Domains beyond their connection's own limit, for every connection with such a limit
+    /// (0 when within it), as of the last refresh.
+    pub fn over_connection_limit(&self, conn: ConnId) -> usize {
+        self.over_conn_limit.get(&conn).copied().unwrap_or(0)
     }
 
     /// Bring the attribute sets up to date with `snap` and `conns`, and return them, each
@@ -159,8 +191,8 @@ impl InfoPoints {
         }
         self.points
             .iter()
-            .zip(&self.first)
-            .filter(|(_, first)| **first)
+            .zip(&self.roles)
+            .filter(|(_, role)| **role == Role::First)
             .map(|((_, attrs), _)| &attrs[..])
     }
 
@@ -203,17 +235,75 @@ impl InfoPoints {
             };
             points.push((Arc::clone(rec), attrs));
         }
+        // Points are sorted by connection: count each connection's domains as they pass.
         let mut seen = HashSet::with_capacity(points.len());
-        self.first = points.iter().map(|(_, a)| seen.insert(SetKey(a))).collect();
+        let mut over = std::collections::BTreeMap::new();
+        let mut run: Option<(ConnId, usize)> = None;
+        self.roles = points
+            .iter()
+            .map(|(rec, attrs)| {
+                let n = match run {
+                    Some((conn, n)) if conn == rec.conn => n + 1,
+                    _ => 1,
+                };
+                run = Some((rec.conn, n));
+                let limit = conns.get(&rec.conn).and_then(|m| m.domain_limit);
+                if limit.is_some_and(|limit| n > limit) {
+                    *over.entry(rec.conn).or_insert(0) += 1;
+                    Role::OverConnectionLimit
+                } else if seen.insert(SetKey(attrs)) {
+                    Role::First
+                } else {
+                    Role::Shared
+                }
+            })
+            .collect();
         let sets = seen.len();
         drop(seen);
+        let over_connection_limit: usize = over.values().sum();
         self.points = points;
+        let was = std::mem::replace(&mut self.over_conn_limit, over);
+        self.report_connection_limits(&was, conns);
         self.report(PointStats {
             domains: self.points.len(),
             sets,
-            collisions: self.points.len() - sets,
+            collisions: self.points.len() - over_connection_limit - sets,
             over_limit: sets.saturating_sub(self.limit),
+            over_connection_limit,
         });
+    }
+
+    /// A warning for each connection that went over its own domain limit, a line for each that
+    /// came back within it.
+    fn report_connection_limits(
+        &self,
+        was: &std::collections::BTreeMap<ConnId, usize>,
+        conns: &ConnTable,
+    ) {
+        if !self.log {
+            return;
+        }
+        let label = |conn: &ConnId| conns.get(conn).map(|m| Arc::clone(&m.label));
+        for (conn, n) in &self.over_conn_limit {
+            if !was.contains_key(conn) {
+                let meta = conns.get(conn);
+                tracing::warn!(
+                    connection = label(conn).as_deref().unwrap_or(""),
+                    limit = meta.and_then(|m| m.domain_limit).unwrap_or(0),
+                    over_limit = n,
+                    "a launcher socket reports more domains than libvirt.discover.max_domains_per_socket: \
+                     the extra domains are not exported (a launcher runs one VMI; this daemon may be forged)"
+                );
+            }
+        }
+        for conn in was.keys() {
+            if !self.over_conn_limit.contains_key(conn) && conns.contains_key(conn) {
+                tracing::info!(
+                    connection = label(conn).as_deref().unwrap_or(""),
+                    "a launcher socket is back within libvirt.discover.max_domains_per_socket"
+                );
+            }
+        }
     }
 
     /// Log what changed in the stats: a warning when collisions or overflow start or grow, a
@@ -243,8 +333,8 @@ impl InfoPoints {
             let example = self
                 .points
                 .iter()
-                .zip(&self.first)
-                .find(|(_, first)| !**first)
+                .zip(&self.roles)
+                .find(|(_, role)| **role == Role::Shared)
                 .map(|((rec, _), _)| Arc::clone(rec));
             tracing::warn!(
                 collisions = now.collisions,
@@ -404,7 +494,7 @@ mod tests {
     fn attributes_follow_the_contract_sorted_by_key() {
         let mut inv = Inventory::new();
         let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None);
+        tel.add_connection(1, "qemu:///system", None, None);
         start(&mut inv, 1, "u-1", 1, "default_vm-a", true);
         let mut p = InfoPoints::new("node-1", OptionalAttributes::default());
         let points: Vec<_> = p
@@ -426,8 +516,8 @@ mod tests {
     fn unchanged_domains_keep_their_attribute_sets_and_changes_are_rebuilt() {
         let mut inv = Inventory::new();
         let tel = Telemetry::new();
-        tel.add_connection(1, "a", None);
-        tel.add_connection(2, "b", Some("pod-b".into()));
+        tel.add_connection(1, "a", None, None);
+        tel.add_connection(2, "b", Some("pod-b".into()), None);
         start(&mut inv, 1, "u-1", 1, "ns_a1", true);
         start(&mut inv, 1, "u-2", 2, "ns_a2", true);
         start(&mut inv, 2, "u-3", 3, "ns_b1", false);
@@ -462,7 +552,7 @@ mod tests {
         tel.set_up(2, true, Some("9.0.0".into()));
         assert_eq!(collect(&mut p, &mut inv, &tel), second);
         tel.remove_connection(2);
-        tel.add_connection(2, "b", Some("pod-b2".into()));
+        tel.add_connection(2, "b", Some("pod-b2".into()), None);
         let third = collect(&mut p, &mut inv, &tel);
         assert_eq!(third[..2], second[..2]);
         assert_ne!(third[2].1, second[2].1);
@@ -515,7 +605,7 @@ mod tests {
     fn domain_type_is_the_raw_root_type_and_only_when_switched_on() {
         let mut inv = Inventory::new();
         let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None);
+        tel.add_connection(1, "qemu:///system", None, None);
         start_typed(&mut inv, "u-1", 1, "fast", Some("kvm"));
         start_typed(&mut inv, "u-2", 2, "slow", Some("qemu"));
         start_typed(&mut inv, "u-3", 3, "new-backend", Some("hyperv"));
@@ -563,7 +653,7 @@ mod tests {
     #[test]
     fn connection_table_is_shared_until_it_changes() {
         let tel = Telemetry::new();
-        tel.add_connection(1, "a", None);
+        tel.add_connection(1, "a", None, None);
         let a = tel.connection_meta();
         assert!(Arc::ptr_eq(&a, &tel.connection_meta()));
         tel.count_reconnect(1);
@@ -586,8 +676,8 @@ mod tests {
         // Two daemons on one host, each with a domain of the same name.
         let mut inv = Inventory::new();
         let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None);
-        tel.add_connection(2, "qemu:///session", None);
+        tel.add_connection(1, "qemu:///system", None, None);
+        tel.add_connection(2, "qemu:///session", None, None);
         start(&mut inv, 1, "u-1", 1, "ns_web", true);
         start(&mut inv, 2, "u-2", 1, "ns_web", true);
         start(&mut inv, 2, "u-3", 2, "ns_db", true);
@@ -624,7 +714,7 @@ mod tests {
     fn sets_beyond_the_cardinality_limit_are_counted_in_observation_order() {
         let mut inv = Inventory::new();
         let tel = Telemetry::new();
-        tel.add_connection(1, "a", None);
+        tel.add_connection(1, "a", None, None);
         for i in 0..5 {
             start(
                 &mut inv,
@@ -651,5 +741,76 @@ mod tests {
         stop(&mut inv, 1, "u-3", 3, "ns_vm3");
         collect(&mut p, &mut inv, &tel);
         assert_eq!(p.stats().over_limit, 0);
+    }
+
+    #[test]
+    fn a_flooding_socket_cannot_push_another_pods_vm_over_the_cardinality_limit() {
+        let mut inv = Inventory::new();
+        let tel = Telemetry::new();
+        // Connection 1 comes first in snapshot order: without its own bound, its five domains
+        // would take every one of the three sets the cardinality limit allows.
+        tel.add_connection(1, "flood", Some("pod-flood".into()), Some(2));
+        tel.add_connection(2, "healthy", Some("pod-ok".into()), Some(2));
+        for i in 0..5 {
+            start(
+                &mut inv,
+                1,
+                &format!("f-{i}"),
+                10 + i,
+                &format!("prod_fake-{i}"),
+                true,
+            );
+        }
+        start(&mut inv, 2, "h-0", 1, "team-a_real", false);
+        let mut p = InfoPoints::new("node-1", OptionalAttributes::default())
+            .with_cardinality_limit(3)
+            .without_logging();
+        let names: Vec<String> = collect(&mut p, &mut inv, &tel)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["fake-0", "fake-1", "real"]);
+        assert_eq!(
+            p.fates(),
+            [
+                Fate::Exported,
+                Fate::Exported,
+                Fate::OverConnectionLimit,
+                Fate::OverConnectionLimit,
+                Fate::OverConnectionLimit,
+                Fate::Exported,
+            ]
+        );
+        assert_eq!(p.over_connection_limit(1), 3);
+        assert_eq!(p.over_connection_limit(2), 0);
+        let stats = p.stats();
+        assert_eq!(stats.over_connection_limit, 3);
+        assert_eq!(
+            stats.over_limit, 0,
+            "the healthy VM is not in the overflow point"
+        );
+        assert_eq!(stats.collisions, 0);
+        assert_eq!(stats.sets, 3);
+    }
+
+    #[test]
+    fn connections_without_a_domain_limit_are_bounded_only_by_the_cardinality_limit() {
+        let mut inv = Inventory::new();
+        let tel = Telemetry::new();
+        tel.add_connection(1, "qemu:///system", None, None);
+        for i in 0..6 {
+            start(
+                &mut inv,
+                1,
+                &format!("u-{i}"),
+                1 + i,
+                &format!("vm-{i}"),
+                true,
+            );
+        }
+        let mut p = InfoPoints::new("node-1", OptionalAttributes::default()).without_logging();
+        assert_eq!(collect(&mut p, &mut inv, &tel).len(), 6);
+        assert_eq!(p.over_connection_limit(1), 0);
+        assert_eq!(p.stats().over_connection_limit, 0);
     }
 }

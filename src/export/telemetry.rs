@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::discovery::paths::Rejection;
 use crate::inventory::{ConnId, Lifecycle};
 
 /// Kinds of XML errors counted by `virt_hypervisor_agent_xml_errors`.
@@ -26,6 +27,9 @@ pub struct ConnMeta {
     pub last_sync: Option<Duration>,
     pub hypervisor_version: Option<Arc<str>>,
     pub pod_uid: Option<Arc<str>>,
+    /// Most domains exported for this connection (`libvirt.discover.max_domains_per_socket`
+    /// for a discovered launcher socket; `None`: no bound of its own).
+    pub domain_limit: Option<usize>,
 }
 
 /// Every connection's state, as the collection callbacks read it.
@@ -43,6 +47,7 @@ struct Conns {
 pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
+    rejected: [AtomicU64; Rejection::ALL.len()],
     conns: Mutex<Conns>,
     /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
     kvm: AtomicU8,
@@ -74,6 +79,21 @@ impl Telemetry {
         }
     }
 
+    /// Count a discovered path that failed the socket checks.
+    pub fn count_rejection(&self, why: Rejection) {
+        if let Some(i) = Rejection::ALL.iter().position(|r| *r == why) {
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn rejections(&self) -> Vec<(&'static str, u64)> {
+        Rejection::ALL
+            .iter()
+            .zip(self.rejected.iter())
+            .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     pub fn xml_errors(&self) -> Vec<(&'static str, u64)> {
         XML_ERROR_KINDS
             .iter()
@@ -89,13 +109,20 @@ impl Telemetry {
         f(&mut c.table)
     }
 
-    pub fn add_connection(&self, id: ConnId, label: &str, pod_uid: Option<String>) {
+    pub fn add_connection(
+        &self,
+        id: ConnId,
+        label: &str,
+        pod_uid: Option<String>,
+        domain_limit: Option<usize>,
+    ) {
         self.with_conns(|c| {
             c.insert(
                 id,
                 ConnMeta {
                     label: Arc::from(label),
                     pod_uid: pod_uid.map(Arc::from),
+                    domain_limit,
                     ..ConnMeta::default()
                 },
             );

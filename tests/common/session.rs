@@ -114,6 +114,17 @@ fn lookup_user() -> Option<(u32, u32)> {
     Some((id("-u")?, id("-g")?))
 }
 
+/// The `libvirt.discover` lines of an agent config for pods under `kubelet_root`: discovery on,
+/// and [`USER`], who owns the pods' sockets, as the one allowed socket owner (KubeVirt's
+/// launchers are uid 107 or 0; the test user's uid is whatever the machine gave it).
+pub fn discover_yaml(kubelet_root: &Path) -> String {
+    let (uid, _) = ensure_user().expect("the launcher test user");
+    format!(
+        "  discover:\n    enabled: true\n    kubelet_root: {}\n    socket_owners: [{uid}]\n",
+        kubelet_root.display()
+    )
+}
+
 /// Whether per-pod session daemons can run here; the reason when not. Checked once per binary.
 pub fn session_daemons_available() -> Result<(), String> {
     static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
