@@ -314,7 +314,7 @@ impl AgentConfig {
                 errs.push(ConfigError::invalid(
                     "export.endpoint",
                     "URL",
-                    quoted(endpoint),
+                    quoted(&super::redact::endpoint(endpoint)),
                     format!(
                         "expected an http:// or https:// URL like http://localhost:4317 ({why})"
                     ),
@@ -339,12 +339,28 @@ impl AgentConfig {
                     "expected letters, digits and !#$%&'*+-.^_`|~",
                 ));
             }
+            // The value is never shown: it is usually a credential.
             if value.chars().any(|c| c.is_control() && c != '\t') {
                 errs.push(ConfigError::invalid(
                     key,
                     "header value",
-                    quoted(value),
+                    "<redacted>",
                     "expected no control characters (no line breaks)",
+                ));
+            }
+        }
+        if let Some(endpoint) = &e.endpoint {
+            let client_tls = e.tls.cert_file.is_some() || e.tls.key_file.is_some();
+            if let Err(why) = super::redact::credentials_in_clear(
+                endpoint,
+                e.headers.keys().map(String::as_str),
+                client_tls,
+            ) {
+                errs.push(ConfigError::invalid(
+                    "export.endpoint",
+                    "URL",
+                    quoted(&super::redact::endpoint(endpoint)),
+                    why,
                 ));
             }
         }

@@ -157,6 +157,11 @@ impl Settings {
         }
     }
 
+    /// The endpoint as logs and errors show it (no userinfo, no query).
+    pub fn shown_endpoint(&self) -> String {
+        crate::config::redact::endpoint(&self.endpoint)
+    }
+
     fn tls_wanted(&self) -> bool {
         self.endpoint.starts_with("https://") || self.ca.is_some() || self.cert.is_some()
     }
@@ -224,11 +229,22 @@ impl Transport {
     pub fn build(cfg: &ExportConfig) -> Result<Self, ExportError> {
         install_crypto_provider();
         let settings = Settings::resolve(cfg);
+        // Checked here too, on what the environment resolved (OTEL_EXPORTER_OTLP_*), which
+        // config validation does not see.
+        crate::config::redact::credentials_in_clear(
+            &settings.endpoint,
+            settings.headers.iter().map(|(k, _)| k.as_str()),
+            settings.cert.is_some() || settings.key.is_some(),
+        )
+        .map_err(ExportError::Insecure)?;
         match settings.protocol {
             Protocol::Grpc => {
                 let mut ep = Endpoint::from_shared(settings.endpoint.clone())
                     .map_err(|e| {
-                        ExportError::Build(format!("invalid endpoint {:?}: {e}", settings.endpoint))
+                        ExportError::Build(format!(
+                            "invalid endpoint {:?}: {e}",
+                            settings.shown_endpoint()
+                        ))
                     })?
                     .timeout(settings.timeout)
                     .connect_timeout(settings.timeout);
@@ -270,7 +286,10 @@ impl Transport {
             }
             Protocol::HttpProtobuf => {
                 reqwest::Url::parse(&settings.endpoint).map_err(|e| {
-                    ExportError::Build(format!("invalid endpoint {:?}: {e}", settings.endpoint))
+                    ExportError::Build(format!(
+                            "invalid endpoint {:?}: {e}",
+                            settings.shown_endpoint()
+                        ))
                 })?;
                 let mut headers = reqwest::header::HeaderMap::new();
                 for (k, v) in &settings.headers {
@@ -312,7 +331,7 @@ impl Transport {
         match tokio::time::timeout(s.timeout, self.send_unbounded(req)).await {
             Ok(r) => r,
             Err(_) => Err(SendError::Timeout {
-                endpoint: s.endpoint.clone(),
+                endpoint: s.shown_endpoint(),
                 timeout: s.timeout,
             }),
         }
@@ -333,7 +352,7 @@ impl Transport {
                     .await
                     .map(|_| ())
                     .map_err(|status| SendError::Grpc {
-                        endpoint: settings.endpoint.clone(),
+                        endpoint: settings.shown_endpoint(),
                         status: Box::new(status),
                     })
             }
@@ -355,14 +374,16 @@ impl Transport {
                     body = enc.finish().map_err(SendError::Compress)?;
                     post = post.header(reqwest::header::CONTENT_ENCODING, "gzip");
                 }
-                let endpoint = || settings.endpoint.clone();
+                let endpoint = || settings.shown_endpoint();
+                // reqwest's error names the URL it was sending to: dropped, the redacted
+                // endpoint is in our message.
                 let resp = post
                     .body(body)
                     .send()
                     .await
                     .map_err(|source| SendError::Request {
                         endpoint: endpoint(),
-                        source,
+                        source: source.without_url(),
                     })?;
                 let status = resp.status();
                 if status.is_success() {

@@ -9,16 +9,18 @@
 //!   `libvirt/libvirt-sock` and `libvirt/libvirtd.pid`), `cfg/` (`XDG_CONFIG_HOME`, with a
 //!   `libvirt/libvirtd.conf` carrying a random `host_uuid`, so that live migration between two pods
 //!   works), `cache/`, and `libvirtd.log` (the daemon's stdout and stderr).
-//! - `WS/<node>/pods/<pod-uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock`: a
-//!   symlink to `D/run/libvirt/libvirt-sock`, created by [`Pod::publish`]. With a 36-character pod UID
-//!   this path is longer than a unix socket address, as it is on a real node.
+//! - `WS/<node>/pods/<pod-uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/`: a bind mount of
+//!   `D/run/libvirt/`, made by [`Pod::publish`], so the daemon's own socket `libvirt-sock` (owned by
+//!   [`USER`]) is there with no symlink on the way, as a launcher's is on a real node (the agent
+//!   refuses symlinked candidates). With a 36-character pod UID this path is longer than a unix
+//!   socket address, as it is on a real node.
 //!
 //! The daemon runs as `runuser -u USER -- env -i … setsid libvirtd --timeout 0`. Its PID is read from
 //! the pid file libvirtd writes and checked (`comm` is `libvirtd`, its environment names this pod's
 //! runtime dir), and every signal goes to that PID only. Session daemons cannot open `/dev/kvm`:
 //! domains are TCG (`type='qemu'`).
 //!
-//! Cleanup: dropping a [`Pod`] removes its kubelet dir; dropping a [`SessionDaemon`] resumes it if it
+//! Cleanup: dropping a [`Pod`] unmounts its volume and removes its kubelet dir; dropping a [`SessionDaemon`] resumes it if it
 //! was stopped, terminates it (SIGTERM, then SIGKILL), kills by PID every remaining process of the
 //! pod (QEMU, the auto-started virtlogd: processes of [`USER`] whose command line or environment
 //! names the pod's dir), reaps `runuser` and removes the dir. Drops never panic; they print what they
@@ -27,7 +29,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{chown, symlink, PermissionsExt};
+use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,8 +42,8 @@ use super::libvirt::{domain_xml, e2e_required, Virt};
 
 /// The non-root user every simulated virt-launcher daemon runs as.
 pub const USER: &str = "vha-launcher";
-/// The socket name of current KubeVirt (virtqemud).
-pub const SOCKET_NAME: &str = "virtqemud-sock";
+/// The socket name of a libvirtd session daemon, one of the two names discovery looks for.
+pub const SOCKET_NAME: &str = "libvirt-sock";
 /// Where a launcher's runtime emptyDir lives under `<kubelet_root>/pods/<uid>/`.
 pub const RUNTIME_VOLUME: &str = "volumes/kubernetes.io~empty-dir/libvirt-runtime";
 /// Bound on a daemon start (socket answering) and on one virsh call.
@@ -711,6 +713,8 @@ pub struct Pod {
     pub tag: String,
     pod_dir: PathBuf,
     pub daemon: SessionDaemon,
+    /// Whether the runtime volume is mounted (by [`publish`](Self::publish)).
+    mounted: std::sync::atomic::AtomicBool,
 }
 
 impl Pod {
@@ -725,17 +729,64 @@ impl Pod {
             uid,
             tag: tag.to_string(),
             daemon,
+            mounted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Place the socket at `<kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/
-    /// libvirt-runtime/virtqemud-sock` (a symlink to the daemon's socket). Returns when it is there.
+    /// Make the daemon's socket appear at `<kubelet_root>/pods/<uid>/volumes/kubernetes.io~empty-dir/
+    /// libvirt-runtime/libvirt-sock`: the daemon's runtime dir bind-mounted there. Returns when it is
+    /// there. A restarted daemon's new socket is there too.
     pub fn publish(&self) -> Result<Instant> {
         let volume = self.pod_dir.join(RUNTIME_VOLUME);
         fs::create_dir_all(&volume).with_context(|| format!("create {}", volume.display()))?;
-        symlink(self.daemon.socket(), volume.join(SOCKET_NAME))
-            .with_context(|| format!("symlink the socket into {}", volume.display()))?;
+        let run = self.daemon.socket();
+        let run = run
+            .parent()
+            .context("the daemon's socket has a directory")?;
+        let out = Command::new("mount")
+            .arg("--bind")
+            .arg(run)
+            .arg(&volume)
+            .stdin(Stdio::null())
+            .output()
+            .context("run mount --bind")?;
+        if !out.status.success() {
+            bail!(
+                "mount --bind {} {}: {}",
+                run.display(),
+                volume.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.mounted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(Instant::now())
+    }
+
+    /// Undo [`publish`](Self::publish)'s mount (lazily, if it is busy); the socket leaves the
+    /// kubelet dir.
+    fn unmount(&self) {
+        if !self
+            .mounted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let volume = self.pod_dir.join(RUNTIME_VOLUME);
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("-l");
+            }
+            cmd.arg(&volume)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("unmounting {}: failed", volume.display());
+        }
     }
 
     /// The socket's path under the kubelet root.
@@ -755,6 +806,7 @@ impl Pod {
     /// kubelet dir; returns when the kubelet dir was removed. The daemon's own dir goes too.
     pub fn delete(&mut self) -> Result<Instant> {
         self.daemon.terminate_all();
+        self.unmount();
         fs::remove_dir_all(&self.pod_dir)
             .with_context(|| format!("remove {}", self.pod_dir.display()))?;
         let removed = Instant::now();
@@ -765,6 +817,7 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        self.unmount();
         if self.pod_dir.exists() {
             if let Err(e) = fs::remove_dir_all(&self.pod_dir) {
                 eprintln!("removing {}: {e}", self.pod_dir.display());
