@@ -18,6 +18,7 @@ pub mod limits;
 pub mod load;
 mod print;
 mod read;
+pub mod redact;
 mod schema;
 mod validate;
 mod walk;

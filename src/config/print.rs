@@ -6,8 +6,8 @@ use super::AgentConfig;
 /// The effective configuration as YAML (for `check-config`), keys in schema order.
 ///
 /// Every leaf is written in JSON syntax, which YAML reads as it is, so the output loads back
-/// as the same configuration, except that `export.headers` values and the userinfo of
-/// `export.endpoint` (`https://user:password@…`) are shown as `<redacted>` (they hold
+/// as the same configuration, except that `export.headers` values and the userinfo and query
+/// of `export.endpoint` (`https://user:password@…?key=…`) are shown as `<redacted>` (they hold
 /// credentials). Unset optional keys are written as `null`.
 pub fn to_yaml(cfg: &AgentConfig) -> String {
     let tree = match serde_json::to_value(cfg) {
@@ -36,7 +36,7 @@ fn write_section(
         let redacted;
         let value = match value {
             J::String(url) if key == "export.endpoint" => {
-                redacted = J::String(redact_userinfo(url));
+                redacted = J::String(super::redact::endpoint(url));
                 &redacted
             }
             other => other,
@@ -61,18 +61,6 @@ fn write_section(
             }
             (_, leaf) => out.push_str(&format!("{indent}{}: {leaf}\n", field.name)),
         }
-    }
-}
-
-/// `scheme://user:password@host/…` → `scheme://<redacted>@host/…`; other text unchanged.
-fn redact_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>{}", &rest[at..]),
-        None => url.to_string(),
     }
 }
 
@@ -114,15 +102,14 @@ mod tests {
             Some("https://agent:s3cret@otel.example:4318/v1/metrics?a=b@c".into());
         let yaml = to_yaml(&cfg);
         assert!(
-            yaml.contains("endpoint: \"https://<redacted>@otel.example:4318/v1/metrics?a=b@c\""),
+            yaml.contains(
+                "endpoint: \"https://<redacted>@otel.example:4318/v1/metrics?<redacted>\""
+            ),
             "{yaml}"
         );
         assert!(
             !yaml.contains("s3cret") && !yaml.contains("agent:"),
             "{yaml}"
         );
-        for plain in ["http://localhost:4317", "http://c/p@th", "no-scheme@x"] {
-            assert_eq!(redact_userinfo(plain), plain);
-        }
     }
 }

@@ -51,6 +51,8 @@ pub enum ExportError {
     Build(String),
     #[error("setting up TLS for the OTLP exporter: {0}")]
     Tls(String),
+    #[error("refusing to export: {0}")]
+    Insecure(String),
     #[error("reading TLS file {path}")]
     TlsFile {
         path: String,

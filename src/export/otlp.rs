@@ -287,9 +287,9 @@ impl Transport {
             Protocol::HttpProtobuf => {
                 reqwest::Url::parse(&settings.endpoint).map_err(|e| {
                     ExportError::Build(format!(
-                            "invalid endpoint {:?}: {e}",
-                            settings.shown_endpoint()
-                        ))
+                        "invalid endpoint {:?}: {e}",
+                        settings.shown_endpoint()
+                    ))
                 })?;
                 let mut headers = reqwest::header::HeaderMap::new();
                 for (k, v) in &settings.headers {
