@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod confine;
 pub mod discovery;
 pub mod domain;
 pub mod export;

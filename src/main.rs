@@ -147,8 +147,47 @@ fn main() -> ExitCode {
         Command::Run => {
             logging::init(&cfg);
             warn_export_interval_env(&cfg);
+            let config_file = cli.common.config.clone().or_else(|| {
+                let default = std::path::Path::new(config::DEFAULT_CONFIG_PATH);
+                default.exists().then(|| default.to_path_buf())
+            });
+            confine_self(&cfg, config_file.as_deref());
             run(cfg)
         }
+    }
+}
+
+/// Confine the process with Landlock (src/confine.rs) before any thread or connection exists,
+/// and say what that achieved.
+fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) {
+    use virt_hypervisor_agent::confine::{self, Plan, Status};
+    let (endpoint, tls) = match cfg.export.exporter {
+        config::ExporterKind::Otlp => {
+            let s = virt_hypervisor_agent::export::otlp::Settings::resolve(&cfg.export);
+            let tls: Vec<_> = [s.ca, s.cert, s.key].into_iter().flatten().collect();
+            (Some(s.endpoint), tls)
+        }
+        config::ExporterKind::Stdout | config::ExporterKind::None => (None, Vec::new()),
+    };
+    let plan = Plan::for_config(cfg, config_file, endpoint.as_deref(), &tls);
+    match confine::apply(&plan) {
+        Status::Full => tracing::info!(
+            tcp_ports = ?plan.tcp_connect.unwrap_or_default(),
+            "confined with Landlock: read-only access to the files the agent needs, directory \
+             listing under the discovery roots, no file writes, TCP only to the export port"
+        ),
+        Status::Partial => tracing::warn!(
+            "confined with Landlock, partly: this kernel's Landlock is older than the rules asked \
+             for (network rules need ABI 4, device queries ABI 5)"
+        ),
+        Status::None => tracing::warn!(
+            "Landlock is not available on this kernel: the agent runs unconfined \
+             (virt_hypervisor_agent_landlock{{status=\"none\"}})"
+        ),
+        Status::Off => tracing::warn!(
+            reason = plan.off.as_deref().unwrap_or(""),
+            "Landlock confinement is off"
+        ),
     }
 }
 

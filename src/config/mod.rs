@@ -76,6 +76,21 @@ pub struct AgentConfig {
     pub libvirt: LibvirtConfig,
     pub metric: MetricConfig,
     pub export: ExportConfig,
+    pub security: SecurityConfig,
+}
+
+/// How the agent confines itself (`src/confine.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Restrict the `run` process with Landlock before the first connection.
+    pub landlock: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self { landlock: true }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -164,6 +164,7 @@ pub(crate) const SCHEMA: &[Field] = &[
             ),
         ]),
     ),
+    req("security", Kind::Section(&[req("landlock", Kind::Bool)])),
 ];
 
 /// Every key and section of the schema as a dotted path.

@@ -516,6 +516,18 @@ pub fn register_instruments(
         })
         .build();
 
+    let _landlock = meter
+        .i64_observable_gauge("virt_hypervisor_agent_landlock")
+        .with_description(
+            "1, labelled with what Landlock self-confinement achieved: full, partial, none (kernel without Landlock) or off",
+        )
+        .with_callback(|obs| {
+            if let Some(status) = crate::confine::status() {
+                obs.observe(1, &[KeyValue::new("status", status.as_str())]);
+            }
+        })
+        .build();
+
     let tel = Arc::clone(&telemetry);
     let _rejected = meter
         .u64_observable_counter("virt_hypervisor_agent_discovery_rejected")
