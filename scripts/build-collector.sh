@@ -6,7 +6,8 @@
 #   scripts/build-collector.sh --validate also run `otelcol-vha validate` on the shipped otel/collector.yaml
 #
 # Cache: $VHA_CACHE_DIR (default /var/cache/virt-hypervisor-agent-ci)/otelcol/<key>/otelcol-vha, where
-# the key hashes the manifest and the Go version: a changed manifest builds anew, anything else reuses.
+# the key hashes the manifest, the local filter processor's sources (otel/vhafilterprocessor) and the
+# Go version: a change to either builds anew, anything else reuses.
 # Needs Go (1.24+) and the module proxy; the first build takes several minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +19,9 @@ CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/otelcol
 log() { printf 'build-collector.sh: %s\n' "$*" >&2; }
 command -v go >/dev/null || { log "ERROR: go not found (the collector is built from the Go module proxy)"; exit 1; }
 
-key=$( (cat "$MANIFEST"; echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
+FILTER=$ROOT/otel/vhafilterprocessor
+key=$( (cat "$MANIFEST"; find "$FILTER" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | LC_ALL=C sort | xargs cat
+    echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
 dir=$CACHE/$key
 bin=$dir/otelcol-vha
 if [[ -x $bin ]]; then
@@ -33,7 +36,8 @@ else
     # Same manifest, output into the scratch dir (ocb takes output_path from the manifest only).
     sed "s#^\(\s*output_path:\).*#\1 $work/out#" "$MANIFEST" >"$work/manifest.yaml"
     log "building the collector (first build: several minutes)"
-    (cd "$work" && "$CACHE/bin/builder" --config="$work/manifest.yaml") >"$work/ocb.log" 2>&1 || {
+    # From the root: the manifest's local `path:` entries are relative to the working directory.
+    (cd "$ROOT" && "$CACHE/bin/builder" --config="$work/manifest.yaml") >"$work/ocb.log" 2>&1 || {
         tail -n 40 "$work/ocb.log" >&2
         log "ERROR: ocb failed"
         exit 1
