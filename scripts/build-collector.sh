@@ -3,10 +3,14 @@
 # Collector Builder (ocb), from the Go module proxy, once; print the binary's path on stdout.
 #
 #   scripts/build-collector.sh            build unless cached, print the path
-#   scripts/build-collector.sh --validate also run `otelcol-vha validate` on the shipped otel/collector.yaml
+#   scripts/build-collector.sh --validate also run `otelcol-vha validate` on both shipped profiles
 #
 # Cache: $VHA_CACHE_DIR (default /var/cache/virt-hypervisor-agent-ci)/otelcol/<key>/otelcol-vha, where
-# the key hashes the manifest and the Go version: a changed manifest builds anew, anything else reuses.
+# the key hashes the manifest, the local filter processor's sources (otel/vhafilterprocessor) and the
+# Go version: a change to either builds anew, anything else reuses.
+# --validate checks both shipped profiles: otel/collector.yaml (production: TLS, allowlist, remote
+# write over TLS with an Authorization header) and otel/collector-dev.yaml (plaintext, trusted
+# networks only); validate checks the configuration, it does not read the certificate files.
 # Needs Go (1.24+) and the module proxy; the first build takes several minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +22,9 @@ CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/otelcol
 log() { printf 'build-collector.sh: %s\n' "$*" >&2; }
 command -v go >/dev/null || { log "ERROR: go not found (the collector is built from the Go module proxy)"; exit 1; }
 
-key=$( (cat "$MANIFEST"; echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
+FILTER=$ROOT/otel/vhafilterprocessor
+key=$( (cat "$MANIFEST"; find "$FILTER" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | LC_ALL=C sort | xargs cat
+    echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
 dir=$CACHE/$key
 bin=$dir/otelcol-vha
 if [[ -x $bin ]]; then
@@ -33,7 +39,8 @@ else
     # Same manifest, output into the scratch dir (ocb takes output_path from the manifest only).
     sed "s#^\(\s*output_path:\).*#\1 $work/out#" "$MANIFEST" >"$work/manifest.yaml"
     log "building the collector (first build: several minutes)"
-    (cd "$work" && "$CACHE/bin/builder" --config="$work/manifest.yaml") >"$work/ocb.log" 2>&1 || {
+    # From the root: the manifest's local `path:` entries are relative to the working directory.
+    (cd "$ROOT" && "$CACHE/bin/builder" --config="$work/manifest.yaml") >"$work/ocb.log" 2>&1 || {
         tail -n 40 "$work/ocb.log" >&2
         log "ERROR: ocb failed"
         exit 1
@@ -45,7 +52,10 @@ else
     log "built $bin in $((SECONDS - t))s"
 fi
 if [[ ${1:-} == --validate ]]; then
-    "$bin" validate --config="$ROOT/otel/collector.yaml" >&2
-    log "otel/collector.yaml is valid for $("$bin" --version 2>/dev/null | head -n1)"
+    # The production profile's one setting without a default: a placeholder (validate sends nothing).
+    PROMETHEUS_REMOTE_WRITE_AUTHORIZATION="Basic placeholder" \
+        "$bin" validate --config="$ROOT/otel/collector.yaml" >&2
+    "$bin" validate --config="$ROOT/otel/collector-dev.yaml" >&2
+    log "otel/collector.yaml and otel/collector-dev.yaml are valid for $("$bin" --version 2>/dev/null | head -n1)"
 fi
 printf '%s\n' "$bin"

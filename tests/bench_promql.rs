@@ -10,11 +10,12 @@
 //! **`promql_visibility`**: time from `virsh start` / `virsh destroy` returning to the change being
 //! visible in a PromQL instant query at "now" (each pipeline polled every 50 ms), for three
 //! pipelines watching the same domains on one private libvirt session daemon, in the same run:
-//! (a) agent --OTLP gRPC--> the minimal collector (shipped `otel/collector.yaml`) --remote write-->
-//! Prometheus 2.42; (b) agent --OTLP HTTP--> Prometheus 3's OTLP receiver; (c) the peer, Debian's
-//! `prometheus-libvirt-exporter`, scraped every 15 s by the same Prometheus 2.42. Both agents run
-//! their default settings (debounce 250 ms, export interval 30 s); only endpoint, protocol and node
-//! name are set. Transitions go to a pool of TCG domains at random 0.4–1.6 s intervals, so their
+//! (a) agent --OTLP gRPC--> the minimal collector (shipped development profile
+//! `otel/collector-dev.yaml`) --remote write--> Prometheus 2.42; (b) agent --OTLP HTTP-->
+//! Prometheus 3's OTLP receiver; (c) the peer, Debian's `prometheus-libvirt-exporter`, scraped
+//! every 15 s by the same Prometheus 2.42. Both agents run their default settings (debounce 250 ms,
+//! export interval 30 s); only endpoint, protocol and node name are set. Transitions go to a pool
+//! of TCG domains at random 0.4–1.6 s intervals, so their
 //! phase against the scrape and the batch timer is random; a domain is touched again only once
 //! every pipeline has shown its last change, plus a random rest of up to one scrape interval (so
 //! that its next change is not in phase with the scrape that showed the last one). A transition that a pipeline has not shown after 60 s

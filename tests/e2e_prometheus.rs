@@ -3,7 +3,9 @@
 //!
 //! Pipelines, as documented in the README ("Prometheus"):
 //! - agent --OTLP gRPC--> the minimal collector (otel/builder-config.yaml) running the shipped
-//!   otel/collector.yaml --remote write--> Prometheus 2.42 (Debian) `--web.enable-remote-write-receiver`;
+//!   development profile otel/collector-dev.yaml (the production pipeline in plaintext; the
+//!   production profile's TLS and allowlist are tested in tests/e2e_collector_security.rs)
+//!   --remote write--> Prometheus 2.42 (Debian) `--web.enable-remote-write-receiver`;
 //! - agent --OTLP HTTP--> Prometheus 3 `--web.enable-otlp-receiver` (no collector).
 //!
 //! What is checked: the exact series and labels the README documents (metric, namespace/name/node/
@@ -33,7 +35,8 @@ use common::{wait_until, Agent};
 const METRIC: &str = "kubevirt_vmi_hypervisor_info";
 const JOB: &str = "virt-hypervisor-agent";
 const DEBOUNCE: Duration = Duration::from_millis(250);
-/// otel/collector.yaml's `batch: timeout:` (checked against the file below).
+/// otel/collector-dev.yaml's `batch: timeout:` (checked against the file below; the production
+/// profile has the same, tests/e2e_collector_security.rs).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The promise: a start or stop is visible in an instant query within debounce + batch + 1 s.
 const VISIBLE_BOUND: Duration = DEBOUNCE
@@ -285,14 +288,14 @@ fn initial_series(prom: &Prometheus, agent: &Agent, node: &str, plain: &TestDoma
 
 /// The collector config's batch timeout is the one the bound assumes.
 fn check_batch_timeout() {
-    let yaml = include_str!("../otel/collector.yaml");
+    let yaml = include_str!("../otel/collector-dev.yaml");
     let batch = yaml
         .split("\n  batch:\n")
         .nth(1)
         .expect("a batch processor");
     assert!(
         batch.lines().take(3).any(|l| l.trim() == "timeout: 1s"),
-        "otel/collector.yaml's batch timeout is not {BATCH_TIMEOUT:?}: update VISIBLE_BOUND"
+        "otel/collector-dev.yaml's batch timeout is not {BATCH_TIMEOUT:?}: update VISIBLE_BOUND"
     );
 }
 

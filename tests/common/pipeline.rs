@@ -1,8 +1,11 @@
 //! The user's side of the pipeline as real processes: the minimal OpenTelemetry Collector built from
-//! `otel/builder-config.yaml` running the shipped `otel/collector.yaml` unchanged (ports through its
-//! `${env:…}` variables), Prometheus 2.42 from Debian with its remote-write receiver, or Prometheus 3
-//! (built from the Go module proxy) with its own OTLP receiver, and PromQL instant queries at "now"
-//! through Prometheus's HTTP API.
+//! `otel/builder-config.yaml` running a shipped profile unchanged (ports, certificates and the
+//! remote-write credentials through its `${env:…}` variables): `otel/collector-dev.yaml` (plaintext,
+//! [`Collector::start`]) or the production `otel/collector.yaml` (TLS, client certificates, remote
+//! write over TLS with basic auth, [`Collector::start_production`]); Prometheus 2.42 from Debian with
+//! its remote-write receiver (optionally behind TLS and basic auth, [`Prometheus::start_secured`]),
+//! or Prometheus 3 (built from the Go module proxy) with its own OTLP receiver; and PromQL instant
+//! queries at "now" through Prometheus's HTTP API (through `curl` when it is behind TLS).
 //!
 //! Binaries: `$VHA_OTELCOL_BIN` / `$VHA_PROMETHEUS3_BIN` when set (scripts/test.sh sets them), else the
 //! cached builds of `scripts/build-collector.sh` / `scripts/build-prometheus.sh` (built on first use).
@@ -153,10 +156,65 @@ fn wait_ready(url: &str, proc: &mut Proc, timeout: Duration) -> Result<Duration>
     }
 }
 
-/// The collector running the shipped `otel/collector.yaml`, remote-writing to `remote_write`.
+/// A test PKI made with the `openssl` CLI: a CA, a server certificate for 127.0.0.1/localhost and a
+/// client certificate, all signed by the CA (files `ca.pem`, `server.pem`/`server.key`,
+/// `client.pem`/`client.key` in a temporary directory).
+#[derive(Debug)]
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new("bash")
+            .arg("-ec")
+            .arg(
+                r#"
+                ec() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "$@"; }
+                ec -x509 -keyout ca.key -out ca.pem -days 2 -subj /CN=vha-test-ca
+                ec -keyout server.key -out server.csr -subj /CN=localhost
+                printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+                openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
+                ec -keyout client.key -out client.csr -subj /CN=vha-agent
+                printf 'extendedKeyUsage=clientAuth\n' > client.ext
+                openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext
+                "#,
+            )
+            .current_dir(dir.path())
+            .output()
+            .context("run openssl")?;
+        if !out.status.success() {
+            bail!("openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Pki { dir })
+    }
+
+    /// `ca.pem`, `server.pem`, `server.key`, `client.pem` or `client.key`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The agent's TLS settings for exporting with this PKI's CA and client certificate.
+    pub fn agent_env(&self) -> Vec<(String, String)> {
+        [
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__TLS__CA_FILE", "ca.pem"),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__TLS__CERT_FILE", "client.pem"),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__TLS__KEY_FILE", "client.key"),
+        ]
+        .into_iter()
+        .map(|(k, f)| (k.to_string(), self.path(f).display().to_string()))
+        .collect()
+    }
+}
+
+/// The collector running a shipped profile, remote-writing to `remote_write`.
 #[derive(Debug)]
 pub struct Collector {
     proc: Proc,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    tls: bool,
     grpc: u16,
     http: u16,
     health: u16,
@@ -166,7 +224,68 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// The development profile, `otel/collector-dev.yaml`: plaintext in and out.
     pub fn start(remote_write: &str) -> Result<Collector> {
+        Self::start_with(
+            Path::new(&format!("{ROOT}/otel/collector-dev.yaml")),
+            remote_write,
+            Vec::new(),
+            false,
+        )
+    }
+
+    /// The production profile, `otel/collector.yaml`: the receivers use `pki`'s server certificate
+    /// and require client certificates signed by its CA; remote write to the `https://` URL
+    /// `remote_write` trusts `prometheus_ca` and sends `Authorization: authorization`.
+    pub fn start_production(
+        pki: &Pki,
+        remote_write: &str,
+        prometheus_ca: &Path,
+        authorization: &str,
+    ) -> Result<Collector> {
+        Self::start_config(
+            Path::new(&format!("{ROOT}/otel/collector.yaml")),
+            pki,
+            remote_write,
+            prometheus_ca,
+            authorization,
+        )
+    }
+
+    /// Like [`Collector::start_production`] with another config file that takes the same variables
+    /// (a test's variant of the production profile).
+    pub fn start_config(
+        config: &Path,
+        pki: &Pki,
+        remote_write: &str,
+        prometheus_ca: &Path,
+        authorization: &str,
+    ) -> Result<Collector> {
+        let env = [
+            ("OTELCOL_TLS_CERT_FILE", pki.path("server.pem")),
+            ("OTELCOL_TLS_KEY_FILE", pki.path("server.key")),
+            ("OTELCOL_TLS_CLIENT_CA_FILE", pki.path("ca.pem")),
+            (
+                "PROMETHEUS_REMOTE_WRITE_CA_FILE",
+                prometheus_ca.to_path_buf(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .chain([(
+            "PROMETHEUS_REMOTE_WRITE_AUTHORIZATION".to_string(),
+            authorization.to_string(),
+        )])
+        .collect();
+        Self::start_with(config, remote_write, env, true)
+    }
+
+    fn start_with(
+        config: &Path,
+        remote_write: &str,
+        env: Vec<(String, String)>,
+        tls: bool,
+    ) -> Result<Collector> {
         let dir = tempfile::tempdir()?;
         let mut c = Collector {
             proc: Proc {
@@ -174,6 +293,9 @@ impl Collector {
                 child: None,
                 log: dir.path().join("collector.log"),
             },
+            config: config.to_path_buf(),
+            env,
+            tls,
             grpc: free_port()?,
             http: free_port()?,
             health: free_port()?,
@@ -189,7 +311,8 @@ impl Collector {
     pub fn restart(&mut self) -> Result<()> {
         self.proc.stop();
         let mut cmd = Command::new(collector_binary()?);
-        cmd.arg(format!("--config={ROOT}/otel/collector.yaml"))
+        cmd.arg(format!("--config={}", self.config.display()))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "OTELCOL_OTLP_GRPC_ENDPOINT",
                 format!("127.0.0.1:{}", self.grpc),
@@ -219,12 +342,20 @@ impl Collector {
         self.proc.pid()
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.grpc)
     }
 
     pub fn http_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/metrics", self.http)
+        format!("{}://127.0.0.1:{}/v1/metrics", self.scheme(), self.http)
     }
 
     /// The collector's own metrics (Prometheus text format, `otelcol_*`).
@@ -263,12 +394,123 @@ impl Sample {
     }
 }
 
+/// Prometheus's web endpoints behind TLS (a server certificate of a [`Pki`]) and basic auth.
+#[derive(Clone, Debug)]
+pub struct WebSecurity {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub user: String,
+    pub password: String,
+}
+
+impl WebSecurity {
+    /// `pki`'s server certificate, one user with a fresh random password.
+    pub fn new(pki: &Pki, user: &str) -> Result<WebSecurity> {
+        let mut bytes = [0u8; 12];
+        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(WebSecurity {
+            ca: pki.path("ca.pem"),
+            cert: pki.path("server.pem"),
+            key: pki.path("server.key"),
+            user: user.into(),
+            password,
+        })
+    }
+
+    /// The value of an `Authorization` header with these credentials.
+    pub fn authorization(&self) -> String {
+        format!(
+            "Basic {}",
+            base64(format!("{}:{}", self.user, self.password).as_bytes())
+        )
+    }
+
+    /// Prometheus's `--web.config.file`: the bcrypt hash of the password (glibc's crypt through
+    /// Python 3.11, which Debian 12 has; `htpasswd -nbB` makes the same kind of hash).
+    fn web_config(&self) -> Result<String> {
+        let out = Command::new("python3")
+            .args([
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 6)))",
+                &self.password,
+            ])
+            .output()
+            .context("python3 crypt")?;
+        let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || !hash.starts_with("$2") {
+            bail!(
+                "no bcrypt hash from python3 crypt: {hash:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  {}: '{hash}'\n",
+            self.cert.display(),
+            self.key.display(),
+            self.user
+        ))
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A GET through `curl` (for Prometheus behind TLS and basic auth; ureq here is plain HTTP only):
+/// the status code and the body.
+fn curl_get(url: &str, query: &[(&str, &str)], web: &WebSecurity) -> Result<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--get", "--cacert"])
+        .arg(&web.ca)
+        .arg("-u")
+        .arg(format!("{}:{}", web.user, web.password))
+        .args(["-w", "\n%{http_code}"]);
+    for (k, v) in query {
+        cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
+    }
+    let out = cmd.arg(url).output().context("run curl")?;
+    if !out.status.success() {
+        bail!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text
+        .rsplit_once('\n')
+        .ok_or_else(|| anyhow!("curl {url}: no status in {text:?}"))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
 /// A Prometheus server with its own storage and port; extra scrape configs may be given.
 #[derive(Debug)]
 pub struct Prometheus {
     proc: Proc,
     flavor: Flavor,
     port: u16,
+    web: Option<WebSecurity>,
     dir: tempfile::TempDir,
 }
 
@@ -277,8 +519,18 @@ impl Prometheus {
         Self::start_with_scrapes(flavor, "")
     }
 
+    /// Like [`Prometheus::start`], every endpoint (queries and remote write) behind `web`'s TLS
+    /// certificate and basic auth.
+    pub fn start_secured(flavor: Flavor, web: WebSecurity) -> Result<Prometheus> {
+        Self::start_full(flavor, "", Some(web))
+    }
+
     /// `scrapes`: YAML items appended under `scrape_configs:` (indented two spaces).
     pub fn start_with_scrapes(flavor: Flavor, scrapes: &str) -> Result<Prometheus> {
+        Self::start_full(flavor, scrapes, None)
+    }
+
+    fn start_full(flavor: Flavor, scrapes: &str, web: Option<WebSecurity>) -> Result<Prometheus> {
         let dir = tempfile::tempdir()?;
         let cfg = format!(
             "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\nscrape_configs:\n{}",
@@ -290,6 +542,9 @@ impl Prometheus {
         );
         let cfg = cfg.replace("scrape_configs:\n  []\n", "scrape_configs: []\n");
         std::fs::write(dir.path().join("prometheus.yml"), cfg)?;
+        if let Some(web) = &web {
+            std::fs::write(dir.path().join("web.yml"), web.web_config()?)?;
+        }
         let mut p = Prometheus {
             proc: Proc {
                 name: "prometheus",
@@ -298,6 +553,7 @@ impl Prometheus {
             },
             flavor,
             port: free_port()?,
+            web,
             dir,
         };
         p.restart()?;
@@ -324,10 +580,30 @@ impl Prometheus {
         .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
         .arg("--storage.tsdb.retention.time=2h")
         .arg(receiver);
+        if self.web.is_some() {
+            cmd.arg(format!("--web.config.file={}", d.join("web.yml").display()));
+        }
         let log = self.proc.log.clone();
         self.proc = Proc::spawn("prometheus", cmd, log)?;
         let url = format!("{}/-/ready", self.url());
-        wait_ready(&url, &mut self.proc, Duration::from_secs(60))?;
+        match self.web.clone() {
+            None => {
+                wait_ready(&url, &mut self.proc, Duration::from_secs(60))?;
+            }
+            Some(web) => {
+                let start = Instant::now();
+                loop {
+                    self.proc.check_running()?;
+                    if matches!(curl_get(&url, &[], &web), Ok((200, _))) {
+                        break;
+                    }
+                    if start.elapsed() > Duration::from_secs(60) {
+                        bail!("prometheus not ready at {url}:\n{}", self.proc.log_tail(40));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -340,7 +616,8 @@ impl Prometheus {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.web.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn remote_write_url(&self) -> String {
@@ -366,11 +643,20 @@ impl Prometheus {
 
     /// An instant query at "now"; the vector result's samples.
     pub fn query(&self, promql: &str) -> Result<Vec<Sample>> {
-        let mut resp = ureq::get(&format!("{}/api/v1/query", self.url()))
-            .query("query", promql)
-            .call()
-            .with_context(|| format!("query {promql:?}"))?;
-        let body: serde_json::Value = resp.body_mut().read_json()?;
+        let url = format!("{}/api/v1/query", self.url());
+        let body: serde_json::Value = match &self.web {
+            None => ureq::get(&url)
+                .query("query", promql)
+                .call()
+                .with_context(|| format!("query {promql:?}"))?
+                .body_mut()
+                .read_json()?,
+            Some(web) => {
+                let (code, text) = curl_get(&url, &[("query", promql)], web)?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("query {promql:?}: HTTP {code}: {text}"))?
+            }
+        };
         if body["status"] != "success" {
             bail!("query {promql:?}: {body}");
         }

@@ -4,7 +4,7 @@
 #   deploy/prometheus/virt-hypervisor-agent.rules.yml     promtool check rules
 #   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
 #   the tests really depend on staleness markers and on the KVM capability (mutants must fail)
-#   otel/collector.yaml                                   structural check (no collector binary here)
+#   otel/collector.yaml, otel/collector-dev.yaml          otelcol-vha validate + structural check
 #   all of the above                                      yamllint
 set -euo pipefail
 # shellcheck source=tests/deploy/lib.sh
@@ -15,6 +15,7 @@ prom_cfg=otel/prometheus.yml
 rules=deploy/prometheus/virt-hypervisor-agent.rules.yml
 rules_test=deploy/prometheus/virt-hypervisor-agent.rules.test.yml
 collector=otel/collector.yaml
+collector_dev=otel/collector-dev.yaml
 
 need_debian_pkg promtool prometheus
 promtool --version 2>&1 | head -n1
@@ -63,11 +64,12 @@ mutant "KVM capability replaced by the inference from other VMs"
 # Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
 # built and cached by scripts/build-collector.sh), then what this pipeline needs of it.
 bash "$(dirname "${BASH_SOURCE[0]}")/../../scripts/build-collector.sh" --validate >/dev/null ||
-    fail "$collector: otelcol-vha validate"
+    fail "$collector, $collector_dev: otelcol-vha validate"
 bin=$(deploy_venv)
-"$bin/python" - "$collector" <<'PY' || fail "$collector"
+for profile in production:"$collector" development:"$collector_dev"; do
+"$bin/python" - "${profile#*:}" "${profile%%:*}" <<'PY' || fail "${profile#*:}"
 import re, sys, yaml
-path = sys.argv[1]
+path, profile = sys.argv[1], sys.argv[2]
 c = yaml.safe_load(open(path))
 errs = []
 def get(d, *keys):
@@ -87,7 +89,19 @@ if default(get(c, 'receivers', 'otlp', 'protocols', 'http', 'endpoint')) != '0.0
 prw = get(c, 'exporters', 'prometheus_remote_write') or {}
 if not str(default(prw.get('endpoint', ''))).endswith('/api/v1/write'):
     errs.append('prometheus_remote_write endpoint must end with /api/v1/write')
-if get(prw, 'tls', 'insecure') is not True:
+if profile == 'production':
+    for proto in ('grpc', 'http'):
+        tls = get(c, 'receivers', 'otlp', 'protocols', proto, 'tls') or {}
+        for key in ('cert_file', 'key_file', 'client_ca_file'):
+            if not tls.get(key):
+                errs.append(f'otlp {proto} receiver: tls.{key} must be set (TLS, client certificates)')
+    if not str(default(prw.get('endpoint', ''))).startswith('https://'):
+        errs.append('prometheus_remote_write endpoint must default to https://')
+    if get(prw, 'tls', 'insecure') or not get(prw, 'tls', 'ca_file'):
+        errs.append('prometheus_remote_write: tls.ca_file, and not insecure')
+    if not get(prw, 'headers', 'Authorization'):
+        errs.append('prometheus_remote_write: an Authorization header')
+elif get(prw, 'tls', 'insecure') is not True:
     errs.append('prometheus_remote_write tls.insecure must be true for plain http')
 if get(prw, 'resource_to_telemetry_conversion', 'enabled') is None:
     errs.append('resource_to_telemetry_conversion.enabled must be set explicitly')
@@ -100,8 +114,10 @@ if not m:
 else:
     if m.get('receivers') != ['otlp']:
         errs.append('metrics pipeline receivers must be [otlp]')
-    if (m.get('processors') or [])[:2] != ['memory_limiter', 'batch']:
-        errs.append('metrics pipeline processors must start memory_limiter, batch')
+    if (m.get('processors') or []) != ['memory_limiter', 'vhafilter', 'batch']:
+        errs.append('metrics pipeline processors must be memory_limiter, vhafilter (allowlist), batch')
+    if not get(c, 'processors', 'vhafilter', 'metric_names'):
+        errs.append('vhafilter: the allowlist (metric_names) is missing')
     if 'prometheus_remote_write' not in (m.get('exporters') or []):
         errs.append('metrics pipeline must export to prometheus_remote_write')
 for name, p in pipes.items():
@@ -117,10 +133,11 @@ for ext in get(c, 'service', 'extensions') or []:
 if errs:
     print('\n'.join(f'{path}: {e}' for e in errs), file=sys.stderr)
     sys.exit(1)
-print(f'check-prometheus: {path}: structure ok (otlp 0.0.0.0:4317/4318 -> memory_limiter -> batch -> prometheus_remote_write)')
+print(f'check-prometheus: {path}: {profile} structure ok (otlp 0.0.0.0:4317/4318 -> memory_limiter -> vhafilter -> batch -> prometheus_remote_write)')
 PY
+done
 
-"$bin/yamllint" -s -d "$DEPLOY_YAMLLINT_CONFIG" "$collector" "$prom_cfg" "$rules" "$rules_test" \
+"$bin/yamllint" -s -d "$DEPLOY_YAMLLINT_CONFIG" "$collector" "$collector_dev" "$prom_cfg" "$rules" "$rules_test" \
     || fail "yamllint"
 echo "check-prometheus: yamllint: ok"
 echo "check-prometheus: PASS"
