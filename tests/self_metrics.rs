@@ -12,7 +12,7 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 11] = [
+const DECLARED: [&str; 14] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
@@ -24,6 +24,9 @@ const DECLARED: [&str; 11] = [
     "virt_hypervisor_agent_node_kvm_available",
     "virt_hypervisor_agent_info_collisions",
     "virt_hypervisor_agent_info_sets_over_limit",
+    "virt_hypervisor_agent_connection_domains_over_limit",
+    "virt_hypervisor_agent_discovery_rejected",
+    "virt_hypervisor_agent_landlock",
 ];
 
 fn by(series: &[Series], attr: &str) -> BTreeMap<String, f64> {
@@ -147,6 +150,28 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
         assert_eq!(series.len(), 1, "{name}");
         assert_eq!(series[0].value.as_f64(), 0.0, "{name}");
     }
+
+    // One connection, within any bound; discovery is off, so nothing was rejected (every
+    // reason is exported, at 0); the agent confined itself fully.
+    let over = req.series("virt_hypervisor_agent_connection_domains_over_limit");
+    assert_eq!(over.len(), 1);
+    assert_eq!(over[0].value.as_f64(), 0.0);
+    let rejected = by(
+        &req.series("virt_hypervisor_agent_discovery_rejected"),
+        "reason",
+    );
+    assert_eq!(
+        rejected,
+        BTreeMap::from([
+            ("not_socket".to_string(), 0.0),
+            ("owner".to_string(), 0.0),
+            ("symlink".to_string(), 0.0),
+        ])
+    );
+    let landlock = req.series("virt_hypervisor_agent_landlock");
+    assert_eq!(landlock.len(), 1);
+    assert_eq!(landlock[0].attr("status"), Some("full"));
+    assert_eq!(landlock[0].value.as_f64(), 1.0);
 
     // Nothing undeclared is exported.
     for name in req.metric_names() {

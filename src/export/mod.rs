@@ -614,13 +614,13 @@ fn register_info_checks(
     let _over_conn = meter
         .i64_observable_gauge("virt_hypervisor_agent_connection_domains_over_limit")
         .with_description(
-            "Domains of a discovered launcher socket beyond libvirt.discover.max_domains_per_socket, not exported",
+            "Domains of a discovered launcher socket beyond libvirt.discover.max_domains_per_socket, not exported (0 for a connection within it or without such a bound)",
         )
         .with_callback(move |obs| {
             stats();
             let conns = telemetry.connection_meta();
             let points = points.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, m) in conns.iter().filter(|(_, m)| m.domain_limit.is_some()) {
+            for (id, m) in conns.iter() {
                 obs.observe(
                     points.over_connection_limit(*id) as i64,
                     &connection_attribute(m),

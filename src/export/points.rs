@@ -169,8 +169,8 @@ impl InfoPoints {
             .collect()
     }
 
-    /// Domains beyond their connection's own limit, for every connection with such a limit
-    /// (0 when within it), as of the last refresh.
+    /// Domains beyond the connection's own limit (0 when within it, or without one), as of the
+    /// last refresh.
     pub fn over_connection_limit(&self, conn: ConnId) -> usize {
         self.over_conn_limit.get(&conn).copied().unwrap_or(0)
     }
