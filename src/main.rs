@@ -309,7 +309,6 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     "domain": d.domain_name,
                     "uuid": d.uuid,
                     "id": d.id,
-                    "vmi_uid": d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()),
                     "uri": labels.get(&d.conn),
                     "series": match fate {
                         Fate::Exported => "own",

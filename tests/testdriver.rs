@@ -143,7 +143,7 @@ fn kubevirt_and_kvm_domains_are_classified_and_split() {
     let (suffix, uuid) = unique("vmi");
     let name = format!("team-a_{suffix}");
     let dom = conn
-        .define_domain_xml(&domain_xml(&name, &uuid, "kvm", Some("1111-2222")))
+        .define_domain_xml(&domain_xml(&name, &uuid, "kvm", Some("")))
         .unwrap();
     dom.create().unwrap();
     wait_until("kubevirt domain appears", Duration::from_secs(5), || {
@@ -153,10 +153,8 @@ fn kubevirt_and_kvm_domains_are_classified_and_split() {
     assert_eq!(rec.hypervisor_type, HypervisorType::Kvm);
     assert_eq!(rec.identity.namespace.as_deref(), Some("team-a"));
     assert_eq!(rec.identity.name, suffix);
-    assert_eq!(
-        rec.facts.kubevirt.as_ref().and_then(|k| k.uid.as_deref()),
-        Some("1111-2222")
-    );
+    // Current launchers leave the VMI UID out (`<uid></uid>`, handed back as `<uid/>`).
+    assert!(rec.facts.kubevirt);
     dom.destroy().unwrap();
     dom.undefine().unwrap();
     wait_until("kubevirt domain removed", Duration::from_secs(5), || {

@@ -440,7 +440,7 @@ pub fn register_instruments(
     let info_points = Arc::clone(&points);
     let _info = meter
         .i64_observable_gauge(cfg.metric.name.clone())
-        .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg or unknown")
+        .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg, mshv or unknown")
         .with_callback(move |obs| {
             let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
             let conns = tel.connection_meta();
