@@ -119,8 +119,8 @@ fn main() -> ExitCode {
         env: None,
         overrides,
     };
-    let cfg = match config::load(&opts) {
-        Ok(c) => c,
+    let (cfg, warnings) = match config::load_with_warnings(&opts) {
+        Ok(l) => (l.config, l.warnings),
         Err(e) => {
             eprintln!("configuration error: {}", error_chain(&e));
             return ExitCode::from(2);
@@ -137,18 +137,30 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!("configuration is valid");
             ExitCode::SUCCESS
         }
         Command::Inventory { json } => {
             logging::init(&cfg);
+            warn_config(&warnings);
             inventory(&cfg, json)
         }
         Command::Run => {
             logging::init(&cfg);
+            warn_config(&warnings);
             warn_export_interval_env(&cfg);
             run(cfg)
         }
+    }
+}
+
+/// The configuration loaded, but set keys that are obsolete and ignored.
+fn warn_config(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!("configuration: {w}");
     }
 }
 

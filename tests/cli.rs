@@ -340,6 +340,45 @@ fn check_config_prints_the_effective_config() {
 }
 
 #[test]
+fn check_config_warns_once_about_the_removed_vmi_uid_and_refuses_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, "metric:\n  attributes:\n    vmi_uid: false\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config".as_ref(),
+            path.as_os_str(),
+            "check-config".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("warning: ").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("metric.attributes.vmi_uid: obsolete key ignored"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("vmi_uid"));
+
+    std::fs::write(&path, "metric:\n  attributes:\n    vmi_uid: true\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config".as_ref(),
+            path.as_os_str(),
+            "check-config".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("metric.attributes.vmi_uid") && stderr.contains("pod_uid"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn version_flag_prints_the_package_version() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(out.status.success());

@@ -291,7 +291,6 @@ pub fn run_scale(
         cfg.metric.attributes = OptionalAttributes {
             domain: true,
             uuid: true,
-            vmi_uid: true,
             machine: true,
             emulator: true,
             arch: true,

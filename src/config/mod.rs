@@ -26,7 +26,7 @@ pub use limits::{
     MAX_CARDINALITY_LIMIT, MAX_CONFIG_BYTES, MAX_DEBOUNCE, MAX_EVENT_BACKLOG, MAX_EXPORT_INTERVAL,
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
-pub use load::{load, LoadOptions, ENV_CONFIG_PATH};
+pub use load::{load, load_with_warnings, LoadOptions, Loaded, ENV_CONFIG_PATH};
 pub use print::to_yaml;
 pub use schema::env_var_for;
 pub use validate::check_log_level;
@@ -144,7 +144,7 @@ pub struct MetricConfig {
 pub struct OptionalAttributes {
     pub domain: bool,
     pub uuid: bool,
-    pub vmi_uid: bool,
+    // `vmi_uid` was removed: see `schema::REMOVED`.
     pub machine: bool,
     pub emulator: bool,
     pub arch: bool,
