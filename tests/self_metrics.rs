@@ -12,7 +12,7 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 11] = [
+const DECLARED: [&str; 12] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
@@ -22,6 +22,7 @@ const DECLARED: [&str; 11] = [
     "virt_hypervisor_agent_reconnects",
     "virt_hypervisor_agent_last_sync_duration",
     "virt_hypervisor_agent_node_kvm_available",
+    "virt_hypervisor_agent_node_mshv_available",
     "virt_hypervisor_agent_info_collisions",
     "virt_hypervisor_agent_info_sets_over_limit",
 ];
@@ -135,6 +136,18 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     ));
     assert_eq!(
         kvm[0].value.as_f64(),
+        if here.available() { 1.0 } else { 0.0 },
+        "check here: {here:?}"
+    );
+    // The node's MSHV capability, likewise.
+    let mshv = req.series("virt_hypervisor_agent_node_mshv_available");
+    assert_eq!(mshv.len(), 1);
+    assert_eq!(mshv[0].attr("node"), Some("metrics-node"));
+    let here = virt_hypervisor_agent::node::probe_mshv(std::path::Path::new(
+        virt_hypervisor_agent::node::mshv::MSHV_DEVICE,
+    ));
+    assert_eq!(
+        mshv[0].value.as_f64(),
         if here.available() { 1.0 } else { 0.0 },
         "check here: {here:?}"
     );

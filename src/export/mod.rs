@@ -543,6 +543,22 @@ pub fn register_instruments(
         })
         .build();
 
+    // Whether this node can run guests on the Microsoft Hypervisor (src/node/mshv.rs): the
+    // alert rules treat a node with it like one with KVM. One series per agent, like KVM's.
+    let tel = Arc::clone(&telemetry);
+    let node_attr = [KeyValue::new("node", node.to_string())];
+    let _mshv = meter
+        .i64_observable_gauge("virt_hypervisor_agent_node_mshv_available")
+        .with_description(
+            "1 when this node can run guests on the Microsoft Hypervisor (/dev/mshv opens), else 0",
+        )
+        .with_callback(move |obs| {
+            if let Some(available) = tel.mshv_available() {
+                obs.observe(i64::from(available), &node_attr);
+            }
+        })
+        .build();
+
     register_info_checks(&meter, points, inventory, telemetry);
     // Observable instruments stay registered with the provider after their handles drop.
 }
