@@ -405,7 +405,7 @@ fn inventory_json_lists_the_demo_node_with_identities_and_types() {
     );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let find = |dom: &str| rows.iter().find(|r| r["domain"] == dom).cloned().unwrap();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     let web = find("prod_web-frontend");
     assert_eq!(web["namespace"], "prod");
     assert_eq!(web["name"], "web-frontend");
@@ -419,6 +419,13 @@ fn inventory_json_lists_the_demo_node_with_identities_and_types() {
     );
     assert_eq!(plain["name"], "legacy_app");
     assert_eq!(find("odd-one")["hypervisor_type"], "unknown");
+    // KubeVirt's hyperv-direct, in the current launcher shape (empty <uid/>).
+    let sql = find("win-apps_sql-01");
+    assert_eq!(sql["namespace"], "win-apps");
+    assert_eq!(sql["name"], "sql-01");
+    assert_eq!(sql["hypervisor_type"], "mshv");
+    // The VMI UID is no longer reported (the launcher leaves it out of the metadata).
+    assert!(rows.iter().all(|r| r.get("vmi_uid").is_none()));
 }
 
 #[test]

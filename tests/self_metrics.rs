@@ -59,7 +59,7 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
 
     // The observable gauge: one point per demo domain, all on this node.
     let info = req.series("kubevirt_vmi_hypervisor_info");
-    assert_eq!(info.len(), 5);
+    assert_eq!(info.len(), 6);
     assert!(info
         .iter()
         .all(|s| s.attr("node") == Some("metrics-node") && s.value.as_f64() == 1.0));
@@ -71,6 +71,7 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     );
     assert_eq!(domains.get("kvm"), Some(&2.0));
     assert_eq!(domains.get("qemu-tcg"), Some(&2.0));
+    assert_eq!(domains.get("mshv"), Some(&1.0));
     assert_eq!(domains.get("unknown"), Some(&1.0));
 
     // The one connection is up, has not reconnected, and has synced.
