@@ -5,7 +5,7 @@
 //! what tenant-controlled launcher daemons send. Should that ever be exploited, the process can
 //! still only:
 //! - read the files of [`Plan::for_config`]: its config, TLS material, the machine id, the KVM
-//!   device and its sysfs entries, libvirt's client config, the name-resolution files, and the
+//!   and MSHV devices and their sysfs entries, libvirt's client config, the name-resolution files, and the
 //!   system libraries (`/usr`, read and execute);
 //! - list directories (and nothing else) under the discovery roots: another pod's
 //!   `kubernetes.io~secret` files cannot be read (`EACCES`);
@@ -108,8 +108,8 @@ const SYSTEM_FILES: &[&str] = &[
 /// System libraries and programs: read and execute (glibc loads NSS modules at run time).
 const SYSTEM_CODE: &[&str] = &["/usr", "/lib", "/lib64"];
 
-/// Devices the node capability check opens and queries.
-const DEVICES: &[&str] = &[crate::node::kvm::KVM_DEVICE];
+/// Devices the node capability checks open and query.
+const DEVICES: &[&str] = &[crate::node::kvm::KVM_DEVICE, crate::node::mshv::MSHV_DEVICE];
 
 /// The port of an `http(s)://` URL (its scheme's default when it names none).
 fn url_port(url: &str) -> Option<u16> {

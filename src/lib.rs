@@ -1,4 +1,4 @@
-//! virt-hypervisor-agent: reports which hypervisor (KVM, QEMU TCG) runs every VM on a host.
+//! virt-hypervisor-agent: reports which hypervisor (KVM, Microsoft Hypervisor, QEMU TCG) runs every VM on a host.
 //!
 //! Data flows one way: the libvirt [`source`] turns lifecycle events into [`source::SourceEvent`]s,
 //! the agent applies them to the pure [`inventory`], and [`export`] reads inventory snapshots in

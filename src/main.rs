@@ -119,8 +119,8 @@ fn main() -> ExitCode {
         env: None,
         overrides,
     };
-    let cfg = match config::load(&opts) {
-        Ok(c) => c,
+    let (cfg, warnings) = match config::load_with_warnings(&opts) {
+        Ok(l) => (l.config, l.warnings),
         Err(e) => {
             eprintln!("configuration error: {}", error_chain(&e));
             return ExitCode::from(2);
@@ -137,15 +137,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!("configuration is valid");
             ExitCode::SUCCESS
         }
         Command::Inventory { json } => {
             logging::init(&cfg);
+            warn_config(&warnings);
             inventory(&cfg, json)
         }
         Command::Run => {
             logging::init(&cfg);
+            warn_config(&warnings);
             warn_export_interval_env(&cfg);
             let config_file = cli.common.config.clone().or_else(|| {
                 let default = std::path::Path::new(config::DEFAULT_CONFIG_PATH);
@@ -188,6 +193,13 @@ fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) {
             reason = plan.off.as_deref().unwrap_or(""),
             "Landlock confinement is off"
         ),
+    }
+}
+
+/// The configuration loaded, but set keys that are obsolete and ignored.
+fn warn_config(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!("configuration: {w}");
     }
 }
 
@@ -348,7 +360,6 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
                     "domain": d.domain_name,
                     "uuid": d.uuid,
                     "id": d.id,
-                    "vmi_uid": d.facts.kubevirt.as_ref().and_then(|k| k.uid.clone()),
                     "uri": labels.get(&d.conn),
                     "series": match fate {
                         Fate::Exported => "own",

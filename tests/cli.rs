@@ -340,6 +340,45 @@ fn check_config_prints_the_effective_config() {
 }
 
 #[test]
+fn check_config_warns_once_about_the_removed_vmi_uid_and_refuses_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.yaml");
+    std::fs::write(&path, "metric:\n  attributes:\n    vmi_uid: false\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config".as_ref(),
+            path.as_os_str(),
+            "check-config".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("warning: ").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("metric.attributes.vmi_uid: obsolete key ignored"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("vmi_uid"));
+
+    std::fs::write(&path, "metric:\n  attributes:\n    vmi_uid: true\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config".as_ref(),
+            path.as_os_str(),
+            "check-config".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("metric.attributes.vmi_uid") && stderr.contains("pod_uid"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn version_flag_prints_the_package_version() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(out.status.success());
@@ -366,7 +405,7 @@ fn inventory_json_lists_the_demo_node_with_identities_and_types() {
     );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let find = |dom: &str| rows.iter().find(|r| r["domain"] == dom).cloned().unwrap();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     let web = find("prod_web-frontend");
     assert_eq!(web["namespace"], "prod");
     assert_eq!(web["name"], "web-frontend");
@@ -380,6 +419,13 @@ fn inventory_json_lists_the_demo_node_with_identities_and_types() {
     );
     assert_eq!(plain["name"], "legacy_app");
     assert_eq!(find("odd-one")["hypervisor_type"], "unknown");
+    // KubeVirt's hyperv-direct, in the current launcher shape (empty <uid/>).
+    let sql = find("win-apps_sql-01");
+    assert_eq!(sql["namespace"], "win-apps");
+    assert_eq!(sql["name"], "sql-01");
+    assert_eq!(sql["hypervisor_type"], "mshv");
+    // The VMI UID is no longer reported (the launcher leaves it out of the metadata).
+    assert!(rows.iter().all(|r| r.get("vmi_uid").is_none()));
 }
 
 #[test]

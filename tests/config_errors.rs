@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use virt_hypervisor_agent::config::{
-    load, to_yaml, AgentConfig, Compression, ConfigError, ExporterKind, LoadOptions, LogFormat,
-    Protocol,
+    load, load_with_warnings, to_yaml, AgentConfig, Compression, ConfigError, ExporterKind,
+    LoadOptions, LogFormat, Protocol,
 };
 
 /// One configuration layer set: a YAML file (written to a temp dir), env vars, overrides.
@@ -999,5 +999,67 @@ fn uri_lists_are_bounded_before_they_are_checked_item_by_item() {
         chain(&err).contains("libvirt.uris[1023]"),
         "{}",
         chain(&err)
+    );
+}
+
+/// `metric.attributes.vmi_uid` was removed (current KubeVirt leaves the VMI UID out of the domain
+/// metadata). A config that kept its old default still loads, with one warning; asking for it
+/// is an error that says why and names the replacement.
+#[test]
+fn removed_vmi_uid_false_loads_with_one_warning() {
+    for layers in [
+        yaml("metric:\n  attributes:\n    vmi_uid: false\n    uuid: true\n"),
+        env(&[("VIRT_HYPERVISOR_AGENT_METRIC__ATTRIBUTES__VMI_UID", "false")]),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loaded = match load_with_warnings(&options(dir.path(), &layers)) {
+            Ok(l) => l,
+            Err(e) => panic!("expected a valid config, got: {}", chain(&e)),
+        };
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        let w = &loaded.warnings[0];
+        assert!(
+            w.starts_with("metric.attributes.vmi_uid: obsolete key ignored"),
+            "{w}"
+        );
+        assert!(w.contains("pod_uid"), "{w}");
+        // Nothing else changed; the removed key is not printed back.
+        let printed = to_yaml(&loaded.config);
+        assert!(!printed.contains("vmi_uid"), "{printed}");
+    }
+    let cfg = load_ok(yaml(
+        "metric:\n  attributes:\n    vmi_uid: false\n    uuid: true\n",
+    ));
+    assert!(cfg.metric.attributes.uuid);
+}
+
+#[test]
+fn removed_vmi_uid_true_is_an_error_naming_the_replacement() {
+    for layers in [
+        yaml("metric:\n  attributes:\n    vmi_uid: true\n"),
+        Layers {
+            overrides: &[("metric.attributes.vmi_uid", "true")],
+            ..Layers::default()
+        },
+    ] {
+        let err = load_layers(layers).expect_err("vmi_uid: true must not load");
+        let msg = chain(&err);
+        assert!(matches!(err, ConfigError::Removed { .. }), "{msg}");
+        for part in [
+            "metric.attributes.vmi_uid",
+            "true",
+            "KubeVirt v0.59",
+            "metric.attributes.pod_uid",
+            "remove the key",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in: {msg}");
+        }
+    }
+    // Not a boolean at all: a value error that still says the key is obsolete.
+    let msg =
+        chain(&load_layers(yaml("metric:\n  attributes:\n    vmi_uid: maybe\n")).unwrap_err());
+    assert!(
+        msg.contains("metric.attributes.vmi_uid") && msg.contains("obsolete"),
+        "{msg}"
     );
 }

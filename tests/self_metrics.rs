@@ -12,7 +12,7 @@ use common::receiver::{Receiver, Series};
 use common::Agent;
 
 /// OTLP names of everything the agent exports.
-const DECLARED: [&str; 14] = [
+const DECLARED: [&str; 15] = [
     "kubevirt_vmi_hypervisor_info",
     "virt_hypervisor_agent_connection_up",
     "virt_hypervisor_agent_domains",
@@ -22,6 +22,7 @@ const DECLARED: [&str; 14] = [
     "virt_hypervisor_agent_reconnects",
     "virt_hypervisor_agent_last_sync_duration",
     "virt_hypervisor_agent_node_kvm_available",
+    "virt_hypervisor_agent_node_mshv_available",
     "virt_hypervisor_agent_info_collisions",
     "virt_hypervisor_agent_info_sets_over_limit",
     "virt_hypervisor_agent_connection_domains_over_limit",
@@ -61,7 +62,7 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
 
     // The observable gauge: one point per demo domain, all on this node.
     let info = req.series("kubevirt_vmi_hypervisor_info");
-    assert_eq!(info.len(), 5);
+    assert_eq!(info.len(), 6);
     assert!(info
         .iter()
         .all(|s| s.attr("node") == Some("metrics-node") && s.value.as_f64() == 1.0));
@@ -73,6 +74,7 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     );
     assert_eq!(domains.get("kvm"), Some(&2.0));
     assert_eq!(domains.get("qemu-tcg"), Some(&2.0));
+    assert_eq!(domains.get("mshv"), Some(&1.0));
     assert_eq!(domains.get("unknown"), Some(&1.0));
 
     // The one connection is up, has not reconnected, and has synced.
@@ -138,6 +140,18 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     ));
     assert_eq!(
         kvm[0].value.as_f64(),
+        if here.available() { 1.0 } else { 0.0 },
+        "check here: {here:?}"
+    );
+    // The node's MSHV capability, likewise.
+    let mshv = req.series("virt_hypervisor_agent_node_mshv_available");
+    assert_eq!(mshv.len(), 1);
+    assert_eq!(mshv[0].attr("node"), Some("metrics-node"));
+    let here = virt_hypervisor_agent::node::probe_mshv(std::path::Path::new(
+        virt_hypervisor_agent::node::mshv::MSHV_DEVICE,
+    ));
+    assert_eq!(
+        mshv[0].value.as_f64(),
         if here.available() { 1.0 } else { 0.0 },
         "check here: {here:?}"
     );

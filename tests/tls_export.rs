@@ -85,11 +85,12 @@ fn names(req: &ExportMetricsServiceRequest) -> Vec<String> {
     out
 }
 
-const DEMO_NAMES: [&str; 5] = [
+const DEMO_NAMES: [&str; 6] = [
     "build-runner",
     "db01",
     "legacy_app",
     "odd-one",
+    "sql-01",
     "web-frontend",
 ];
 

@@ -26,7 +26,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind, OptionalAttributes, Protocol};
-use virt_hypervisor_agent::domain::{DomainFacts, HypervisorType, KubevirtMeta};
+use virt_hypervisor_agent::domain::{DomainFacts, HypervisorType};
 use virt_hypervisor_agent::export::{self, Exporter, Telemetry};
 use virt_hypervisor_agent::inventory::{ConnId, DomainRef, FetchOutcome, Inventory, Lifecycle};
 
@@ -55,9 +55,7 @@ fn synthetic(i: usize) -> (DomainRef, DomainFacts) {
         },
         name: Some(name.clone()),
         uuid: Some(uuid.clone()),
-        kubevirt: Some(KubevirtMeta {
-            uid: Some(format!("{:08x}-0000-4000-8000-{:012x}", i, i)),
-        }),
+        kubevirt: true,
         machine: Some("pc-q35-rhel9.4.0".to_string()),
         arch: Some("x86_64".to_string()),
         emulator: Some("/usr/libexec/qemu-kvm".to_string()),
@@ -293,7 +291,6 @@ pub fn run_scale(
         cfg.metric.attributes = OptionalAttributes {
             domain: true,
             uuid: true,
-            vmi_uid: true,
             machine: true,
             emulator: true,
             arch: true,

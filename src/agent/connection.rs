@@ -520,7 +520,7 @@ async fn fetch(
     });
     match fetched.await {
         Ok(Fetched::Facts(f)) => {
-            if ctx.spec.pod_uid.is_some() && f.kubevirt.is_none() {
+            if ctx.spec.pod_uid.is_some() && !f.kubevirt {
                 tracing::debug!(connection = %label, domain = %dom.name, "launcher domain has no KubeVirt metadata; reported with plain identity");
             }
             FetchOutcome::Facts(f)

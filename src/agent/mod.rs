@@ -177,11 +177,21 @@ impl Agent {
             drop(changes_tx);
         }
 
-        // Node KVM capability: checked now and at every resync interval, off the event path.
+        // Node KVM and MSHV capabilities: checked now and at every resync interval, off the
+        // event path.
         let kvm_push = shared.push.clone();
         helpers.spawn(crate::node::watch_kvm(
+            crate::node::kvm::KVM_DEVICE.into(),
             Arc::clone(&shared.telemetry),
             move || kvm_push.push(),
+            cfg.libvirt.resync_interval,
+            stop_rx.clone(),
+        ));
+        let mshv_push = shared.push.clone();
+        helpers.spawn(crate::node::watch_mshv(
+            crate::node::mshv::MSHV_DEVICE.into(),
+            Arc::clone(&shared.telemetry),
+            move || mshv_push.push(),
             cfg.libvirt.resync_interval,
             stop_rx.clone(),
         ));

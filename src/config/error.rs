@@ -106,6 +106,14 @@ pub enum ConfigError {
         origin: Origin,
         allowed: String,
     },
+    /// A key that was removed ([`super::schema::REMOVED`]), set to what it can no longer do.
+    #[error("{key}: {value}{origin} is no longer possible: {why}; remove the key")]
+    Removed {
+        key: String,
+        value: String,
+        origin: Origin,
+        why: &'static str,
+    },
     /// The tree passed the schema walk but not typed deserialization: schema and structs disagree.
     #[error("configuration does not match the schema")]
     Deserialize {

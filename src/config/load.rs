@@ -37,8 +37,22 @@ pub struct LoadOptions {
     pub overrides: Vec<(String, String)>,
 }
 
+/// A configuration that loaded, with what the operator should still be told.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: AgentConfig,
+    /// One line per obsolete key that was set harmlessly (and ignored), to be logged.
+    pub warnings: Vec<String>,
+}
+
 /// Load the layers, check them against the schema, deserialize and [validate](AgentConfig::validate).
+/// Warnings are dropped: the binary uses [`load_with_warnings`].
 pub fn load(opts: &LoadOptions) -> Result<AgentConfig, ConfigError> {
+    load_with_warnings(opts).map(|l| l.config)
+}
+
+/// [`load`], keeping the warnings (obsolete keys that were ignored).
+pub fn load_with_warnings(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
     let mut builder = Config::builder();
     let mut file_uri = None;
     if let Some((path, text)) = super::read::read_file(opts.path.as_deref())? {
@@ -81,6 +95,7 @@ pub fn load(opts: &LoadOptions) -> Result<AgentConfig, ConfigError> {
     let mut walker = Walker {
         file: file_uri,
         errors: Vec::new(),
+        warnings: Vec::new(),
         origins: BTreeMap::new(),
     };
     let tree = walker.section("", SCHEMA, merged);
@@ -89,7 +104,10 @@ pub fn load(opts: &LoadOptions) -> Result<AgentConfig, ConfigError> {
         .map_err(|source| ConfigError::Deserialize { source })?;
     cfg.validate()
         .map_err(|e| e.with_origins(&walker.origins))?;
-    Ok(cfg)
+    Ok(Loaded {
+        config: cfg,
+        warnings: walker.warnings,
+    })
 }
 
 /// The `VIRT_HYPERVISOR_AGENT_…` variables, from the given map or the process environment,

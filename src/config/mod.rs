@@ -27,7 +27,7 @@ pub use limits::{
     MAX_CARDINALITY_LIMIT, MAX_CONFIG_BYTES, MAX_DEBOUNCE, MAX_EVENT_BACKLOG, MAX_EXPORT_INTERVAL,
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
-pub use load::{load, LoadOptions, ENV_CONFIG_PATH};
+pub use load::{load, load_with_warnings, LoadOptions, Loaded, ENV_CONFIG_PATH};
 pub use print::to_yaml;
 pub use schema::env_var_for;
 pub use validate::check_log_level;
@@ -164,13 +164,13 @@ pub struct MetricConfig {
     pub attributes: OptionalAttributes,
 }
 
-/// Optional data-point attributes, each off by default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Optional data-point attributes, each off by default except `pod_uid`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptionalAttributes {
     pub domain: bool,
     pub uuid: bool,
-    pub vmi_uid: bool,
+    // `vmi_uid` was removed: see `schema::REMOVED`.
     pub machine: bool,
     pub emulator: bool,
     pub arch: bool,
@@ -178,6 +178,25 @@ pub struct OptionalAttributes {
     pub pod_uid: bool,
     /// The root `type` of the domain XML, exactly as libvirt reports it.
     pub domain_type: bool,
+}
+
+impl Default for OptionalAttributes {
+    /// `pod_uid` is on: a discovered launcher daemon is untrusted, and the pod UID (from the
+    /// socket's kubelet path, which a pod cannot choose) is what lets Prometheus check the
+    /// namespace it claims (deploy/prometheus/virt-hypervisor-agent.rules.yml, "FORGED SERIES").
+    /// It appears only on discovered connections' series.
+    fn default() -> Self {
+        Self {
+            domain: false,
+            uuid: false,
+            machine: false,
+            emulator: false,
+            arch: false,
+            hypervisor_version: false,
+            pod_uid: true,
+            domain_type: false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -131,7 +131,6 @@ pub(crate) const SCHEMA: &[Field] = &[
                 Kind::Section(&[
                     req("domain", Kind::Bool),
                     req("uuid", Kind::Bool),
-                    req("vmi_uid", Kind::Bool),
                     req("machine", Kind::Bool),
                     req("emulator", Kind::Bool),
                     req("arch", Kind::Bool),
@@ -166,6 +165,31 @@ pub(crate) const SCHEMA: &[Field] = &[
     ),
     req("security", Kind::Section(&[req("landlock", Kind::Bool)])),
 ];
+
+/// A key that was removed from the schema. An existing config that sets it to `false` (what the
+/// attribute's default was) still loads, with a warning; `true` asked for something the agent
+/// no longer does, which is an error that says why.
+#[derive(Debug)]
+pub(crate) struct Removed {
+    /// The dotted key.
+    pub key: &'static str,
+    /// Why it is gone and what to use instead.
+    pub why: &'static str,
+}
+
+/// Keys removed from [`SCHEMA`] (all were booleans that defaulted to `false`).
+pub(crate) const REMOVED: &[Removed] = &[Removed {
+    key: "metric.attributes.vmi_uid",
+    why: "the vmi_uid attribute was removed: KubeVirt v0.59 and later leave the VMI UID out of \
+          the domain metadata (its <uid> is empty), so the attribute could no longer appear; \
+          metric.attributes.pod_uid (the virt-launcher pod's UID, from the discovered socket \
+          path) joins the series to the cluster instead",
+}];
+
+/// The removed key at `key`, if it is one.
+pub(crate) fn removed(key: &str) -> Option<&'static Removed> {
+    REMOVED.iter().find(|r| r.key == key)
+}
 
 /// Every key and section of the schema as a dotted path.
 pub(super) fn all_paths(prefix: &str, fields: &[Field], out: &mut Vec<String>) {
@@ -244,6 +268,20 @@ mod tests {
         all_paths("", SCHEMA, &mut from_schema);
         from_schema.sort();
         assert_eq!(from_structs, from_schema);
+    }
+
+    #[test]
+    fn removed_keys_are_not_in_the_schema_and_their_section_is() {
+        let mut paths = Vec::new();
+        all_paths("", SCHEMA, &mut paths);
+        for r in REMOVED {
+            assert!(!paths.iter().any(|p| p == r.key), "{}", r.key);
+            let (section, _) = r
+                .key
+                .rsplit_once('.')
+                .expect("a removed key is in a section");
+            assert!(paths.iter().any(|p| p == section), "{}", r.key);
+        }
     }
 
     #[test]

@@ -21,8 +21,21 @@ use config::{Map, Value, ValueKind};
 
 use super::error::{origin_of_key, truncate, ConfigError, Origin};
 use super::schema::{
-    all_paths, env_var_for, expected, join, Field, Kind, DURATION_ALLOWED, SCHEMA,
+    all_paths, env_var_for, expected, join, removed, Field, Kind, Removed, DURATION_ALLOWED, SCHEMA,
 };
+
+/// A boolean as YAML writes it, or as a string from the environment or a flag.
+fn bool_of(value: &Value) -> Option<bool> {
+    match &value.kind {
+        ValueKind::Boolean(b) => Some(*b),
+        ValueKind::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// Origin string the `config` crate puts on environment values.
 pub(super) const ENV_ORIGIN: &str = "the environment";
@@ -33,6 +46,8 @@ pub(super) struct Walker {
     /// The config file's origin string (its path) and path.
     pub(super) file: Option<(String, PathBuf)>,
     pub(super) errors: Vec<ConfigError>,
+    /// Obsolete keys that were set harmlessly: one line each, for the log.
+    pub(super) warnings: Vec<String>,
     /// Where each key's value came from.
     pub(super) origins: BTreeMap<String, Origin>,
 }
@@ -92,10 +107,37 @@ impl Walker {
                         out.insert(name, json);
                     }
                 }
-                None => self.unknown(key, path, fields, &value),
+                None => match removed(&key) {
+                    Some(r) => self.removed(r, &value),
+                    None => self.unknown(key, path, fields, &value),
+                },
             }
         }
         out
+    }
+
+    /// A removed boolean key: `false` (its old default) is ignored with a warning, `true` is an
+    /// error that says why it is gone. Either way nothing reaches the typed config.
+    fn removed(&mut self, r: &'static Removed, value: &Value) {
+        let origin = self.origin(r.key, value);
+        match bool_of(value) {
+            Some(false) => self.warnings.push(format!(
+                "{}: obsolete key ignored{origin} ({}); remove it",
+                r.key, r.why
+            )),
+            Some(true) => self.errors.push(ConfigError::Removed {
+                key: r.key.to_string(),
+                value: render(value),
+                origin,
+                why: r.why,
+            }),
+            None => self.invalid(
+                r.key,
+                "value",
+                value,
+                format!("{}; the key is obsolete: remove it", expected(&Kind::Bool)),
+            ),
+        }
     }
 
     fn unknown(&mut self, key: String, parent: &str, fields: &[Field], value: &Value) {
@@ -152,15 +194,7 @@ impl Walker {
                 }
             },
             Kind::Bool => {
-                let b = match &value.kind {
-                    ValueKind::Boolean(b) => Some(*b),
-                    ValueKind::String(s) => match s.trim().to_ascii_lowercase().as_str() {
-                        "true" => Some(true),
-                        "false" => Some(false),
-                        _ => None,
-                    },
-                    _ => None,
-                };
+                let b = bool_of(&value);
                 if b.is_none() {
                     self.invalid(key, "value", &value, expected(&field.kind));
                 }

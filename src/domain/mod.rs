@@ -15,17 +15,21 @@ pub const KUBEVIRT_NS: &str = "http://kubevirt.io";
 pub enum HypervisorType {
     Kvm,
     QemuTcg,
+    /// The Microsoft Hypervisor (`/dev/mshv`), hardware accelerated: KubeVirt's `hyperv-direct`
+    /// hypervisor writes `<domain type='hyperv'>`.
+    Mshv,
     Unknown,
 }
 
 impl HypervisorType {
-    pub const ALL: [HypervisorType; 3] = [Self::Kvm, Self::QemuTcg, Self::Unknown];
+    pub const ALL: [HypervisorType; 4] = [Self::Kvm, Self::QemuTcg, Self::Mshv, Self::Unknown];
 
     /// The `hypervisor_type` attribute value.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Kvm => "kvm",
             Self::QemuTcg => "qemu-tcg",
+            Self::Mshv => "mshv",
             Self::Unknown => "unknown",
         }
     }
@@ -35,6 +39,7 @@ impl HypervisorType {
         match domain_type {
             Some("kvm") => Self::Kvm,
             Some("qemu") => Self::QemuTcg,
+            Some("hyperv") => Self::Mshv,
             _ => Self::Unknown,
         }
     }
@@ -56,13 +61,6 @@ pub struct Wants {
     pub emulator: bool,
 }
 
-/// KubeVirt metadata found in `<metadata><kubevirt xmlns="http://kubevirt.io">`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KubevirtMeta {
-    /// The VMI's `<uid>`, when present.
-    pub uid: Option<String>,
-}
-
 /// Facts read from one domain XML document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainFacts {
@@ -71,8 +69,10 @@ pub struct DomainFacts {
     pub hypervisor_type: HypervisorType,
     pub name: Option<String>,
     pub uuid: Option<String>,
-    /// `Some` when the domain carries KubeVirt metadata, i.e. it is a VMI.
-    pub kubevirt: Option<KubevirtMeta>,
+    /// The domain carries KubeVirt metadata (`<metadata><kubevirt xmlns="http://kubevirt.io">`),
+    /// i.e. it is a VMI. Nothing inside that element is kept: since KubeVirt v0.59 the launcher
+    /// leaves its `<uid>` empty (README, "Metric reference").
+    pub kubevirt: bool,
     pub machine: Option<String>,
     pub arch: Option<String>,
     pub emulator: Option<String>,
@@ -90,7 +90,7 @@ impl DomainFacts {
             hypervisor_type: HypervisorType::Unknown,
             name,
             uuid,
-            kubevirt: None,
+            kubevirt: false,
             machine: None,
             arch: None,
             emulator: None,

@@ -6,10 +6,12 @@
 //! * the root `<domain type='…'>` attribute (raw, and classified with
 //!   [`HypervisorType::from_domain_type`]);
 //! * the top-level `<name>` and `<uuid>` text;
-//! * the KubeVirt metadata `<metadata><kubevirt xmlns="http://kubevirt.io">…<uid>…</uid>…`,
+//! * whether `<metadata>` holds KubeVirt's `<kubevirt xmlns="http://kubevirt.io">` element,
 //!   matched by **namespace URI**, so the default-namespace form and any prefix
 //!   (`<kv:kubevirt xmlns:kv="http://kubevirt.io">`) are accepted, while a `<kubevirt>` element
-//!   in another namespace (or none) is not KubeVirt metadata;
+//!   in another namespace (or none) is not KubeVirt metadata. Its content is not read: current
+//!   launchers (KubeVirt v0.59 and later) write an empty `<uid/>` there, older ones the VMI UID
+//!   and a `<graceperiod>`, and the agent needs neither;
 //! * only when [`Wants::os`]: `<os><type arch='…' machine='…'>`;
 //! * only when [`Wants::emulator`]: `<devices><emulator>` text.
 //!
@@ -35,7 +37,7 @@
 //!
 //! # Values
 //!
-//! * Text values (`name`, `uuid`, `uid`, `emulator`) are the concatenation of the element's
+//! * Text values (`name`, `uuid`, `emulator`) are the concatenation of the element's
 //!   direct text, CDATA and references, with XML line-end normalization, trimmed of XML
 //!   whitespace; empty after trimming means `None`. Comments inside are skipped, text of nested
 //!   child elements is ignored. When an element is repeated, the first one wins.
@@ -67,7 +69,7 @@ use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::{NsReader, XmlVersion};
 
-use super::{DomainFacts, HypervisorType, KubevirtMeta, Wants, KUBEVIRT_NS};
+use super::{DomainFacts, HypervisorType, Wants, KUBEVIRT_NS};
 
 /// Maximum element depth (the root `<domain>` is depth 1) in the part of a document that is read.
 pub const MAX_DEPTH: usize = 64;
@@ -262,7 +264,6 @@ impl Ns {
 enum Field {
     Name,
     Uuid,
-    KubevirtUid,
     Emulator,
 }
 
@@ -271,7 +272,6 @@ impl Field {
         match self {
             Self::Name => "<name> text",
             Self::Uuid => "<uuid> text",
-            Self::KubevirtUid => "KubeVirt <uid> text",
             Self::Emulator => "<emulator> text",
         }
     }
@@ -300,8 +300,6 @@ struct State {
     root_seen: bool,
     header_done: bool,
     top: Top,
-    /// Inside the (first) KubeVirt element, which is at depth 2.
-    in_kubevirt: bool,
     os_done: bool,
     /// The first `<os><type>` has been read (later ones are ignored).
     os_type_seen: bool,
@@ -320,7 +318,6 @@ impl State {
             root_seen: false,
             header_done: false,
             top: Top::Other,
-            in_kubevirt: false,
             os_done: false,
             os_type_seen: false,
             emulator_done: false,
@@ -413,9 +410,8 @@ impl State {
             }
             2 => match self.top {
                 Top::Metadata => {
-                    if local == "kubevirt" && ns == Ns::Kubevirt && self.facts.kubevirt.is_none() {
-                        self.facts.kubevirt = Some(KubevirtMeta::default());
-                        self.in_kubevirt = true;
+                    if local == "kubevirt" && ns == Ns::Kubevirt {
+                        self.facts.kubevirt = true;
                     }
                 }
                 Top::Os => {
@@ -431,19 +427,6 @@ impl State {
                 }
                 Top::Other => {}
             },
-            // `<uid>` in the KubeVirt namespace; an unprefixed `<uid>` under a prefixed
-            // `<kv:kubevirt>` is accepted too.
-            3 if self.in_kubevirt
-                && local == "uid"
-                && ns != Ns::Other
-                && self
-                    .facts
-                    .kubevirt
-                    .as_ref()
-                    .is_some_and(|k| k.uid.is_none()) =>
-            {
-                self.capture = Some((Field::KubevirtUid, depth));
-            }
             _ => {}
         }
 
@@ -481,7 +464,6 @@ impl State {
                 }
                 self.top = Top::Other;
             }
-            3 if self.top == Top::Metadata => self.in_kubevirt = false,
             _ => {}
         }
         if self.done() {
@@ -504,11 +486,6 @@ impl State {
         match field {
             Field::Name => self.facts.name = value,
             Field::Uuid => self.facts.uuid = value,
-            Field::KubevirtUid => {
-                if let Some(k) = self.facts.kubevirt.as_mut() {
-                    k.uid = value;
-                }
-            }
             Field::Emulator => {
                 self.facts.emulator = value;
                 self.emulator_done = true;

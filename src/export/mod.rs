@@ -442,7 +442,7 @@ pub fn register_instruments(
     let info_points = Arc::clone(&points);
     let _info = meter
         .i64_observable_gauge(cfg.metric.name.clone())
-        .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg or unknown")
+        .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg, mshv or unknown")
         .with_callback(move |obs| {
             let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
             let conns = tel.connection_meta();
@@ -565,6 +565,22 @@ pub fn register_instruments(
         )
         .with_callback(move |obs| {
             if let Some(available) = tel.kvm_available() {
+                obs.observe(i64::from(available), &node_attr);
+            }
+        })
+        .build();
+
+    // Whether this node can run guests on the Microsoft Hypervisor (src/node/mshv.rs): the
+    // alert rules treat a node with it like one with KVM. One series per agent, like KVM's.
+    let tel = Arc::clone(&telemetry);
+    let node_attr = [KeyValue::new("node", node.to_string())];
+    let _mshv = meter
+        .i64_observable_gauge("virt_hypervisor_agent_node_mshv_available")
+        .with_description(
+            "1 when this node can run guests on the Microsoft Hypervisor (/dev/mshv opens), else 0",
+        )
+        .with_callback(move |obs| {
+            if let Some(available) = tel.mshv_available() {
                 obs.observe(i64::from(available), &node_attr);
             }
         })

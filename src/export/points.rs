@@ -397,11 +397,6 @@ fn domain_attributes(
     if opt.uuid {
         kv.push(KeyValue::new("uuid", owned(&d.uuid)));
     }
-    if opt.vmi_uid {
-        if let Some(uid) = d.facts.kubevirt.as_ref().and_then(|k| k.uid.as_deref()) {
-            kv.push(KeyValue::new("vmi_uid", owned(uid)));
-        }
-    }
     if opt.machine {
         if let Some(m) = &d.facts.machine {
             kv.push(KeyValue::new("machine", owned(m)));
@@ -443,7 +438,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::domain::{DomainFacts, HypervisorType, KubevirtMeta};
+    use crate::domain::{DomainFacts, HypervisorType};
     use crate::export::Telemetry;
     use crate::inventory::{ConnId, DomainRef, FetchOutcome, Inventory, Lifecycle};
 
@@ -464,7 +459,7 @@ mod tests {
             },
             name: Some(name.into()),
             uuid: Some(uuid.into()),
-            kubevirt: Some(KubevirtMeta { uid: None }),
+            kubevirt: true,
             machine: None,
             arch: None,
             emulator: None,
@@ -582,7 +577,7 @@ mod tests {
                 hypervisor_type: HypervisorType::from_domain_type(Some(t)),
                 name: Some(name.into()),
                 uuid: Some(uuid.into()),
-                kubevirt: None,
+                kubevirt: false,
                 machine: None,
                 arch: None,
                 emulator: None,
@@ -608,15 +603,16 @@ mod tests {
         tel.add_connection(1, "qemu:///system", None, None);
         start_typed(&mut inv, "u-1", 1, "fast", Some("kvm"));
         start_typed(&mut inv, "u-2", 2, "slow", Some("qemu"));
-        start_typed(&mut inv, "u-3", 3, "new-backend", Some("hyperv"));
+        start_typed(&mut inv, "u-3", 3, "new-backend", Some("bhyve"));
         start_typed(&mut inv, "u-4", 4, "unreadable", None);
+        start_typed(&mut inv, "u-5", 5, "hyperv-direct", Some("hyperv"));
 
         let mut off = InfoPoints::new("n", OptionalAttributes::default());
         let points: Vec<_> = off
             .refresh(inv.snapshot(), tel.connection_meta())
             .map(as_map)
             .collect();
-        assert_eq!(points.len(), 4);
+        assert_eq!(points.len(), 5);
         assert!(points.iter().flatten().all(|(k, _)| k != "domain_type"));
 
         let opt = OptionalAttributes {
@@ -632,8 +628,17 @@ mod tests {
         assert_eq!(get("fast", "domain_type").as_deref(), Some("kvm"));
         assert_eq!(get("slow", "domain_type").as_deref(), Some("qemu"));
         assert_eq!(get("slow", "hypervisor_type").as_deref(), Some("qemu-tcg"));
+        // KubeVirt's hyperv-direct: the Microsoft Hypervisor, hardware accelerated.
+        assert_eq!(
+            get("hyperv-direct", "domain_type").as_deref(),
+            Some("hyperv")
+        );
+        assert_eq!(
+            get("hyperv-direct", "hypervisor_type").as_deref(),
+            Some("mshv")
+        );
         // A type the agent does not classify stays `unknown`, and the raw value says which.
-        assert_eq!(get("new-backend", "domain_type").as_deref(), Some("hyperv"));
+        assert_eq!(get("new-backend", "domain_type").as_deref(), Some("bhyve"));
         assert_eq!(
             get("new-backend", "hypervisor_type").as_deref(),
             Some("unknown")

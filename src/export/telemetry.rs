@@ -51,6 +51,8 @@ pub struct Telemetry {
     conns: Mutex<Conns>,
     /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
     kvm: AtomicU8,
+    /// Node MSHV capability (`/dev/mshv`), encoded like `kvm`.
+    mshv: AtomicU8,
 }
 
 impl Telemetry {
@@ -183,6 +185,21 @@ impl Telemetry {
     /// Whether this node can run KVM guests; `None` until the first check finished.
     pub fn kvm_available(&self) -> Option<bool> {
         match self.kvm.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v == 2),
+        }
+    }
+
+    /// Record the result of the node MSHV check.
+    pub fn set_mshv_available(&self, available: bool) {
+        self.mshv
+            .store(if available { 2 } else { 1 }, Ordering::Relaxed);
+    }
+
+    /// Whether this node can run guests on the Microsoft Hypervisor; `None` until the first
+    /// check finished.
+    pub fn mshv_available(&self) -> Option<bool> {
+        match self.mshv.load(Ordering::Relaxed) {
             0 => None,
             v => Some(v == 2),
         }

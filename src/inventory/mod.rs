@@ -146,7 +146,7 @@ impl DomainRecord {
         } else {
             dom.name.clone()
         };
-        let identity = Identity::from_domain_name(&domain_name, facts.kubevirt.is_some());
+        let identity = Identity::from_domain_name(&domain_name, facts.kubevirt);
         Some(Self {
             conn,
             uuid: dom.uuid.clone(),

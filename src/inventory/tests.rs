@@ -1,5 +1,4 @@
 use super::*;
-use crate::domain::KubevirtMeta;
 
 const C: ConnId = 1;
 
@@ -17,9 +16,7 @@ fn facts(t: &str, name: &str, kubevirt: bool) -> FetchOutcome {
         hypervisor_type: HypervisorType::from_domain_type(Some(t)),
         name: Some(name.into()),
         uuid: None,
-        kubevirt: kubevirt.then(|| KubevirtMeta {
-            uid: Some("uid-1".into()),
-        }),
+        kubevirt,
         machine: None,
         arch: None,
         emulator: None,
@@ -440,7 +437,32 @@ fn count_by_type_includes_zero_types() {
     let counts = snap.count_by_type();
     assert_eq!(counts[&HypervisorType::Kvm], 2);
     assert_eq!(counts[&HypervisorType::QemuTcg], 0);
+    assert_eq!(counts[&HypervisorType::Mshv], 0);
     assert_eq!(counts[&HypervisorType::Unknown], 0);
+    assert_eq!(counts.len(), HypervisorType::ALL.len());
+}
+
+#[test]
+fn a_hyperv_domain_is_held_as_mshv_and_counted_apart_from_kvm() {
+    let mut inv = Inventory::new();
+    start(&mut inv, dref("a", 1, "a"), "hyperv");
+    start(&mut inv, dref("b", 2, "b"), "kvm");
+    assert_eq!(
+        names(&mut inv),
+        vec![
+            ("a".into(), HypervisorType::Mshv),
+            ("b".into(), HypervisorType::Kvm)
+        ]
+    );
+    let snap = inv.snapshot();
+    let counts = snap.count_by_type();
+    assert_eq!(counts[&HypervisorType::Mshv], 1);
+    assert_eq!(counts[&HypervisorType::Kvm], 1);
+    assert_eq!(counts[&HypervisorType::Unknown], 0);
+    // Restarted on a node without /dev/mshv, KubeVirt's converter falls back to type='qemu'.
+    inv.apply_event(C, dref("a", 1, "a"), Lifecycle::Stopped);
+    start(&mut inv, dref("a", 3, "a"), "qemu");
+    assert_eq!(names(&mut inv)[0], ("a".into(), HypervisorType::QemuTcg));
 }
 
 #[test]

@@ -1,16 +1,21 @@
-//! Facts about the node itself, measured by the agent: whether it can run KVM guests
-//! (`virt_hypervisor_agent_node_kvm_available`).
+//! Facts about the node itself, measured by the agent: whether it can run hardware-accelerated
+//! guests, on KVM (`virt_hypervisor_agent_node_kvm_available`) or on the Microsoft Hypervisor
+//! (`virt_hypervisor_agent_node_mshv_available`, KubeVirt's `hyperv-direct`).
 //!
 //! [`probe_kvm`] opens `/dev/kvm` read-only (non-blocking, close-on-exec), checks that it is the
 //! KVM character device and asks it for its API version; [`kvm`] decides what the outcome means.
-//! [`watch_kvm`] runs the probe at start and then at every resync interval, each time on a
-//! blocking thread bounded by a timeout, so neither the event path nor the export ever waits
-//! for it; a change is logged (with the reason and what to fix) and pushed at once.
+//! [`probe_mshv`] opens `/dev/mshv` the same way and checks that it is a character device (the
+//! device has no harmless query: see [`mshv`]). [`watch_kvm`] and [`watch_mshv`] run their probe
+//! at start and then at every resync interval, each time on a blocking thread bounded by a
+//! timeout, so neither the event path nor the export ever waits for it; a change is logged (with
+//! the reason and what to fix) and pushed at once. Both take the device path, so tests can point
+//! them at a stand-in.
 
 pub mod kvm;
+pub mod mshv;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,28 +23,79 @@ use tokio::sync::watch;
 
 use crate::export::Telemetry;
 use kvm::KvmStatus;
+use mshv::MshvStatus;
 
 /// Bound on one probe (an open and an ioctl: microseconds, unless the device hangs).
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Probe the KVM device at `path` (normally [`kvm::KVM_DEVICE`]). Blocking (but only briefly).
-pub fn probe_kvm(path: &Path) -> KvmStatus {
-    let file = match std::fs::OpenOptions::new()
+/// What a node capability check reports, and where its result goes.
+pub trait Capability: Copy + PartialEq + std::fmt::Debug + Send + 'static {
+    /// The hypervisor, for the log (`KVM`, `MSHV`).
+    const NAME: &'static str;
+    /// Whether guests can run on it here.
+    fn available(self) -> bool;
+    /// A short reason for the log.
+    fn reason(self) -> String;
+    /// What an operator should look at when it is not available.
+    fn hint(self) -> &'static str;
+    /// Record the result in the self-metrics.
+    fn publish(self, telemetry: &Telemetry);
+    /// Log at warning level when it is not available (KVM); else at info (MSHV, which most
+    /// nodes do not have, and need not).
+    const WARN_WHEN_MISSING: bool;
+}
+
+impl Capability for KvmStatus {
+    const NAME: &'static str = "KVM";
+    const WARN_WHEN_MISSING: bool = true;
+    fn available(self) -> bool {
+        KvmStatus::available(self)
+    }
+    fn reason(self) -> String {
+        KvmStatus::reason(self)
+    }
+    fn hint(self) -> &'static str {
+        KvmStatus::hint(self)
+    }
+    fn publish(self, telemetry: &Telemetry) {
+        telemetry.set_kvm_available(self.available());
+    }
+}
+
+impl Capability for MshvStatus {
+    const NAME: &'static str = "MSHV";
+    const WARN_WHEN_MISSING: bool = false;
+    fn available(self) -> bool {
+        MshvStatus::available(self)
+    }
+    fn reason(self) -> String {
+        MshvStatus::reason(self)
+    }
+    fn hint(self) -> &'static str {
+        MshvStatus::hint(self)
+    }
+    fn publish(self, telemetry: &Telemetry) {
+        telemetry.set_mshv_available(self.available());
+    }
+}
+
+/// Open `path` read-only without waiting (whatever it turns out to be: a FIFO, say) and return
+/// it with whether it is a character device, or the OS error of the failing step.
+fn open_device(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), Option<i32>> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        // Whatever the path turns out to be (a FIFO, say), opening it must not wait.
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-    {
-        Ok(f) => f,
-        Err(e) => return kvm::open_failed(e.raw_os_error()),
-    };
-    let meta = match file.metadata() {
-        Ok(m) => m,
-        Err(e) => {
-            return KvmStatus::Failed {
-                errno: e.raw_os_error(),
-            }
-        }
+        .map_err(|e| e.raw_os_error())?;
+    let meta = file.metadata().map_err(|e| e.raw_os_error())?;
+    Ok((file, meta))
+}
+
+/// Probe the KVM device at `path` (normally [`kvm::KVM_DEVICE`]). Blocking (but only briefly).
+pub fn probe_kvm(path: &Path) -> KvmStatus {
+    let (file, meta) = match open_device(path) {
+        Ok(opened) => opened,
+        Err(errno) => return kvm::open_failed(errno),
     };
     if let Err(status) = kvm::check_device(meta.file_type().is_char_device(), meta.rdev()) {
         return status;
@@ -47,20 +103,43 @@ pub fn probe_kvm(path: &Path) -> KvmStatus {
     kvm::api_version(crate::source::ffi::kvm_api_version(&file).map_err(|e| e.raw_os_error()))
 }
 
-/// Check KVM now and then every `every` (`0`: only now) until `stop` turns true, publish the
-/// result through `telemetry`, and call `on_change` (the agent pushes an export) when it changes.
+/// Probe the MSHV device at `path` (normally [`mshv::MSHV_DEVICE`]): present, openable
+/// read-only, and a character device. Blocking (but only briefly); no ioctl is issued.
+pub fn probe_mshv(path: &Path) -> MshvStatus {
+    match open_device(path) {
+        Ok((_file, meta)) => mshv::check_device(meta.file_type().is_char_device()),
+        Err(errno) => mshv::open_failed(errno),
+    }
+}
+
+/// Check KVM at `device` (normally [`kvm::KVM_DEVICE`]) now and then every `every` (`0`: only
+/// now) until `stop` turns true, publish the result through `telemetry`, and call `on_change`
+/// (the agent pushes an export) when it changes.
 pub async fn watch_kvm(
+    device: PathBuf,
     telemetry: Arc<Telemetry>,
     on_change: impl Fn() + Send,
     every: Duration,
     stop: watch::Receiver<bool>,
 ) {
-    let probe = || probe_kvm(Path::new(kvm::KVM_DEVICE));
+    let probe = move || probe_kvm(&device);
     watch_with(probe, KVM_PROBE_TIMEOUT, &telemetry, on_change, every, stop).await
 }
 
-/// [`watch_kvm`] with the probe and its timeout given (tests).
-async fn watch_with<P>(
+/// [`watch_kvm`] for the MSHV device at `device` (normally [`mshv::MSHV_DEVICE`]).
+pub async fn watch_mshv(
+    device: PathBuf,
+    telemetry: Arc<Telemetry>,
+    on_change: impl Fn() + Send,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let probe = move || probe_mshv(&device);
+    watch_with(probe, KVM_PROBE_TIMEOUT, &telemetry, on_change, every, stop).await
+}
+
+/// [`watch_kvm`] or [`watch_mshv`] with the probe and its timeout given (tests).
+async fn watch_with<S, P>(
     probe: P,
     timeout: Duration,
     telemetry: &Telemetry,
@@ -68,12 +147,13 @@ async fn watch_with<P>(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
-    P: Fn() -> KvmStatus + Clone + Send + 'static,
+    S: Capability,
+    P: Fn() -> S + Clone + Send + 'static,
 {
-    let mut last: Option<KvmStatus> = None;
+    let mut last: Option<S> = None;
     // At most one probe in flight: one that outlived its timeout is waited for again at the next
     // round instead of starting another blocking thread next to it.
-    let mut pending: Option<tokio::task::JoinHandle<KvmStatus>> = None;
+    let mut pending: Option<tokio::task::JoinHandle<S>> = None;
     loop {
         let handle = pending.get_or_insert_with(|| tokio::task::spawn_blocking(probe.clone()));
         let outcome = tokio::select! {
@@ -84,21 +164,23 @@ async fn watch_with<P>(
             Ok(joined) => {
                 pending = None;
                 joined
-                    .inspect_err(|e| tracing::warn!(error = %e, "KVM check failed"))
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, check = S::NAME, "node check failed"),
+                    )
                     .ok()
             }
             Err(_) => {
                 tracing::warn!(
-                    device = kvm::KVM_DEVICE,
+                    check = S::NAME,
                     ?timeout,
-                    "KVM check did not finish; keeping the previous result"
+                    "node check did not finish; keeping the previous result"
                 );
                 None
             }
         };
         if let Some(status) = status.filter(|s| last != Some(*s)) {
             report(status, last);
-            telemetry.set_kvm_available(status.available());
+            status.publish(telemetry);
             last = Some(status);
             on_change();
         }
@@ -114,15 +196,17 @@ async fn watch_with<P>(
     }
 }
 
-fn report(status: KvmStatus, before: Option<KvmStatus>) {
-    let device = kvm::KVM_DEVICE;
+fn report<S: Capability>(status: S, before: Option<S>) {
+    let check = S::NAME;
     let reason = status.reason();
     if status.available() {
-        tracing::info!(device, reason = %reason, "this node can run KVM guests");
-    } else if before.is_some_and(KvmStatus::available) {
-        tracing::warn!(device, reason = %reason, hint = status.hint(), "this node lost KVM: new VMs will be emulated (QEMU TCG) or fail to start");
+        tracing::info!(check, reason = %reason, "this node can run {check} guests");
+    } else if before.is_some_and(S::available) {
+        tracing::warn!(check, reason = %reason, hint = status.hint(), "this node lost {check}: new VMs will be emulated (QEMU TCG) or fail to start");
+    } else if S::WARN_WHEN_MISSING {
+        tracing::warn!(check, reason = %reason, hint = status.hint(), "this node cannot run {check} guests: VMs here run under software emulation (QEMU TCG)");
     } else {
-        tracing::warn!(device, reason = %reason, hint = status.hint(), "this node cannot run KVM guests: VMs here run under software emulation (QEMU TCG)");
+        tracing::info!(check, reason = %reason, hint = status.hint(), "this node cannot run {check} guests");
     }
 }
 
@@ -279,6 +363,65 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(s.calls.load(Ordering::SeqCst), 1);
         w.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_mshv_watch_publishes_what_its_device_path_shows() {
+        // No such device on these machines: stand-ins for the path. /dev/null is a character
+        // device that opens read-only, as /dev/mshv does on a Microsoft Hypervisor root partition.
+        let dir = tempfile::tempdir().unwrap();
+        let regular = dir.path().join("regular");
+        std::fs::write(&regular, b"").unwrap();
+        for (path, available) in [
+            (PathBuf::from("/dev/null"), true),
+            (dir.path().join("absent"), false),
+            (regular, false),
+        ] {
+            let tel = Arc::new(Telemetry::new());
+            let (stop, stop_rx) = watch::channel(false);
+            let changes = Arc::new(AtomicUsize::new(0));
+            let counted = Arc::clone(&changes);
+            let task = tokio::spawn(watch_mshv(
+                path.clone(),
+                Arc::clone(&tel),
+                move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                },
+                Duration::ZERO,
+                stop_rx,
+            ));
+            eventually(|| tel.mshv_available().is_some()).await;
+            assert_eq!(tel.mshv_available(), Some(available), "{path:?}");
+            assert_eq!(changes.load(Ordering::SeqCst), 1);
+            // The KVM capability is its own.
+            assert_eq!(tel.kvm_available(), None);
+            stop.send(true).unwrap();
+            task.await.unwrap();
+        }
+    }
+
+    #[test]
+    fn the_mshv_probe_wants_an_openable_character_device() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(probe_mshv(&dir.path().join("mshv")), MshvStatus::Missing);
+        let f = dir.path().join("mshv");
+        std::fs::write(&f, b"").unwrap();
+        assert_eq!(probe_mshv(&f), MshvStatus::NotMshv);
+        assert_eq!(probe_mshv(dir.path()), MshvStatus::NotMshv);
+        // A FIFO opens at once (non-blocking) and is not the device.
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo");
+        assert_eq!(probe_mshv(&fifo), MshvStatus::NotMshv);
+        assert_eq!(probe_mshv(Path::new("/dev/null")), MshvStatus::Available);
+        // The KVM check, which asks the device, still refuses the same stand-in.
+        assert_eq!(
+            probe_kvm(Path::new("/dev/null")),
+            KvmStatus::NotKvm { api_version: None }
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 #   otel/prometheus.yml                                   promtool check config
 #   deploy/prometheus/virt-hypervisor-agent.rules.yml     promtool check rules
 #   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
-#   the tests really depend on staleness markers and on the KVM capability (mutants must fail)
+#   the tests really depend on staleness markers and on the KVM and MSHV capabilities (mutants must fail)
 #   otel/collector.yaml, otel/collector-dev.yaml          otelcol-vha validate + structural check
 #   all of the above                                      yamllint
 set -euo pipefail
@@ -60,6 +60,17 @@ if src.count(old) != 1:
 open(sys.argv[2], 'w').write(src.replace(old, new))
 PY
 mutant "KVM capability replaced by the inference from other VMs"
+# 3. The node's MSHV capability ignored (as by rules that know only KVM): the TCG VM on the MSHV
+#    node must then be missed by (a) and caught by (c), which trips the tests.
+python3 - "$rules" "$tmp/$(basename "$rules")" <<'PY'
+import sys
+src = open(sys.argv[1]).read()
+name = 'virt_hypervisor_agent_node_mshv_available'
+if src.count(name) < 2:
+    sys.exit(f"mutation: expected the MSHV capability in (a) and (c) of {sys.argv[1]}")
+open(sys.argv[2], 'w').write(src.replace(name, 'virt_hypervisor_agent_node_mshv_available_ignored'))
+PY
+mutant "MSHV capability ignored"
 
 # Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
 # built and cached by scripts/build-collector.sh), then what this pipeline needs of it.

@@ -2,6 +2,7 @@
 //! documents (proptest) checked against the facts they were generated from.
 
 use super::*;
+use crate::domain::Identity;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
@@ -15,8 +16,13 @@ macro_rules! fixture {
     };
 }
 
-const KUBEVIRT_KVM: &[u8] = fixture!("kubevirt-kvm.xml");
-const KUBEVIRT_TCG: &[u8] = fixture!("kubevirt-tcg.xml");
+// Current virt-launcher shape (KubeVirt v0.59 and later: `<uid/>` empty, no `<graceperiod>`).
+const KUBEVIRT_Q35_KVM: &[u8] = fixture!("kubevirt-q35-kvm-x86_64.xml");
+const KUBEVIRT_Q35_TCG: &[u8] = fixture!("kubevirt-q35-tcg-x86_64.xml");
+const KUBEVIRT_VIRT_TCG_AARCH64: &[u8] = fixture!("kubevirt-virt-tcg-aarch64.xml");
+const KUBEVIRT_HYPERV_DIRECT: &[u8] = fixture!("kubevirt-hyperv-direct.xml");
+// The one legacy shape kept (KubeVirt before v0.59: the VMI UID in `<uid>`, a `<graceperiod>`).
+const KUBEVIRT_LEGACY: &[u8] = fixture!("kubevirt-legacy-v0.58-kvm.xml");
 const PLAIN_KVM: &[u8] = fixture!("plain-kvm.xml");
 const PLAIN_TCG: &[u8] = fixture!("plain-tcg.xml");
 const PREFIXED_NS: &[u8] = fixture!("prefixed-namespace.xml");
@@ -30,9 +36,12 @@ const DEEPLY_NESTED: &[u8] = fixture!("deeply-nested.xml");
 const NON_UTF8: &[u8] = fixture!("non-utf8.xml");
 const METADATA_AFTER_DEVICES: &[u8] = fixture!("metadata-after-devices.xml");
 
-const FIXTURES: [&[u8]; 14] = [
-    KUBEVIRT_KVM,
-    KUBEVIRT_TCG,
+const FIXTURES: [&[u8]; 17] = [
+    KUBEVIRT_Q35_KVM,
+    KUBEVIRT_Q35_TCG,
+    KUBEVIRT_VIRT_TCG_AARCH64,
+    KUBEVIRT_HYPERV_DIRECT,
+    KUBEVIRT_LEGACY,
     PLAIN_KVM,
     PLAIN_TCG,
     PREFIXED_NS,
@@ -91,68 +100,167 @@ fn replace(haystack: &[u8], from: &str, to: &str) -> Vec<u8> {
 
 // ---- fixtures -------------------------------------------------------------------------
 
-#[test]
-fn kvm_root_type_classifies_as_kvm() {
-    let facts = parse(KUBEVIRT_KVM, DEFAULT);
-    assert_eq!(facts.domain_type, some("kvm"));
-    assert_eq!(facts.hypervisor_type, HypervisorType::Kvm);
+/// What a KubeVirt fixture must yield: the exported identity, the type, and what `Wants::ALL` reads.
+struct Vmi {
+    domain_type: &'static str,
+    hypervisor_type: HypervisorType,
+    domain_name: &'static str,
+    namespace: &'static str,
+    name: &'static str,
+    uuid: &'static str,
+    arch: &'static str,
+    machine: &'static str,
+    emulator: &'static str,
+}
+
+/// Parse `xml` with every `Wants`: the identity and type never depend on what else was asked
+/// for, and `os`/`emulator` are read exactly when wanted.
+fn check_vmi(xml: &[u8], want: &Vmi) {
+    for wants in WANTS {
+        let facts = parse(xml, wants);
+        assert_eq!(facts.domain_type, some(want.domain_type), "{wants:?}");
+        assert_eq!(facts.hypervisor_type, want.hypervisor_type, "{wants:?}");
+        assert_eq!(facts.name, some(want.domain_name), "{wants:?}");
+        assert_eq!(facts.uuid, some(want.uuid), "{wants:?}");
+        assert!(facts.kubevirt, "{wants:?}");
+        assert!(facts.live, "live XML carries the domain id");
+        let identity = Identity::from_domain_name(want.domain_name, facts.kubevirt);
+        assert_eq!(identity.namespace.as_deref(), Some(want.namespace));
+        assert_eq!(identity.name, want.name);
+        let (arch, machine) = if wants.os {
+            (some(want.arch), some(want.machine))
+        } else {
+            (None, None)
+        };
+        assert_eq!((facts.arch, facts.machine), (arch, machine), "{wants:?}");
+        let emulator = wants.emulator.then(|| want.emulator.to_owned());
+        assert_eq!(facts.emulator, emulator, "{wants:?}");
+    }
 }
 
 #[test]
-fn kubevirt_domain_yields_name_uuid_and_vmi_uid() {
-    let facts = parse(KUBEVIRT_KVM, DEFAULT);
-    assert_eq!(facts.name, some("default_testvm"));
-    assert_eq!(facts.uuid, some("9d0a8a3e-4b7e-5f0c-b6a4-2f1d3c5e7a91"));
-    assert_eq!(
-        facts.kubevirt,
-        Some(KubevirtMeta {
-            uid: some("6f1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d")
-        })
+fn current_q35_kvm_x86_64_is_a_kvm_vmi() {
+    check_vmi(
+        KUBEVIRT_Q35_KVM,
+        &Vmi {
+            domain_type: "kvm",
+            hypervisor_type: HypervisorType::Kvm,
+            domain_name: "team-a_fedora-web",
+            namespace: "team-a",
+            name: "fedora-web",
+            uuid: "3d5b2a91-6c47-5e08-9f13-a2b4c6d8e0f1",
+            arch: "x86_64",
+            machine: "pc-q35-rhel9.6.0",
+            emulator: "/usr/libexec/qemu-kvm",
+        },
     );
 }
 
 #[test]
-fn default_wants_leave_os_and_emulator_unread() {
-    let facts = parse(KUBEVIRT_KVM, DEFAULT);
-    assert_eq!(
-        (facts.arch, facts.machine, facts.emulator),
-        (None, None, None)
+fn current_q35_tcg_x86_64_is_a_qemu_tcg_vmi() {
+    check_vmi(
+        KUBEVIRT_Q35_TCG,
+        &Vmi {
+            domain_type: "qemu",
+            hypervisor_type: HypervisorType::QemuTcg,
+            domain_name: "ci_build-runner",
+            namespace: "ci",
+            name: "build-runner",
+            uuid: "7a1c3e5f-8b2d-5f40-a6c8-e0b2d4f6a8c1",
+            arch: "x86_64",
+            machine: "pc-q35-rhel9.6.0",
+            emulator: "/usr/libexec/qemu-kvm",
+        },
     );
 }
 
 #[test]
-fn os_and_emulator_are_read_only_when_wanted() {
-    let os = parse(KUBEVIRT_KVM, OS);
-    assert_eq!(os.arch, some("x86_64"));
-    assert_eq!(os.machine, some("pc-q35-rhel9.4.0"));
-    assert_eq!(os.emulator, None);
-
-    let emu = parse(KUBEVIRT_KVM, EMULATOR);
-    assert_eq!((emu.arch, emu.machine), (None, None));
-    assert_eq!(emu.emulator, some("/usr/libexec/qemu-kvm"));
-
-    let all = parse(KUBEVIRT_KVM, ALL);
-    assert_eq!(all.arch, some("x86_64"));
-    assert_eq!(all.machine, some("pc-q35-rhel9.4.0"));
-    assert_eq!(all.emulator, some("/usr/libexec/qemu-kvm"));
-    // The identity does not depend on what else was asked for.
-    assert_eq!(all.kubevirt, parse(KUBEVIRT_KVM, DEFAULT).kubevirt);
-    assert_eq!(all.name, some("default_testvm"));
+fn current_virt_aarch64_cross_arch_emulation_is_a_qemu_tcg_vmi() {
+    check_vmi(
+        KUBEVIRT_VIRT_TCG_AARCH64,
+        &Vmi {
+            domain_type: "qemu",
+            hypervisor_type: HypervisorType::QemuTcg,
+            domain_name: "arm-builds_ubuntu-arm64",
+            namespace: "arm-builds",
+            name: "ubuntu-arm64",
+            uuid: "c4e6a8b0-2d4f-5a6c-8e0b-1d3f5a7c9e2b",
+            arch: "aarch64",
+            machine: "virt-rhel9.6.0",
+            emulator: "/usr/bin/qemu-system-aarch64",
+        },
+    );
 }
 
 #[test]
-fn qemu_root_type_classifies_as_qemu_tcg() {
-    let facts = parse(KUBEVIRT_TCG, ALL);
-    assert_eq!(facts.domain_type, some("qemu"));
-    assert_eq!(facts.hypervisor_type, HypervisorType::QemuTcg);
-    assert_eq!(facts.name, some("kubevirt-test-emu_vmi-emulated"));
-    assert_eq!(
-        facts.kubevirt,
-        Some(KubevirtMeta {
-            uid: some("a0b1c2d3-e4f5-4061-8273-94a5b6c7d8e9")
-        })
+fn current_hyperv_direct_is_an_mshv_vmi() {
+    check_vmi(
+        KUBEVIRT_HYPERV_DIRECT,
+        &Vmi {
+            domain_type: "hyperv",
+            hypervisor_type: HypervisorType::Mshv,
+            domain_name: "win-apps_sql-01",
+            namespace: "win-apps",
+            name: "sql-01",
+            uuid: "e8f0a2c4-6b8d-5e1f-a3c5-7d9f1b3d5f7a",
+            arch: "x86_64",
+            machine: "pc-q35-rhel9.6.0",
+            emulator: "/usr/libexec/qemu-kvm",
+        },
     );
-    assert_eq!(facts.emulator, some("/usr/libexec/qemu-kvm"));
+}
+
+#[test]
+fn legacy_shape_with_a_filled_uid_and_graceperiod_is_still_a_kvm_vmi() {
+    check_vmi(
+        KUBEVIRT_LEGACY,
+        &Vmi {
+            domain_type: "kvm",
+            hypervisor_type: HypervisorType::Kvm,
+            domain_name: "default_testvm",
+            namespace: "default",
+            name: "testvm",
+            uuid: "9d0a8a3e-4b7e-5f0c-b6a4-2f1d3c5e7a91",
+            arch: "x86_64",
+            machine: "pc-q35-rhel9.4.0",
+            emulator: "/usr/libexec/qemu-kvm",
+        },
+    );
+}
+
+#[test]
+fn current_and_legacy_metadata_read_alike() {
+    // The same domain in both shapes: only `<metadata>` differs, and nothing in it is kept.
+    let current = replace(
+        KUBEVIRT_LEGACY,
+        "<uid>6f1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d</uid>\n      <graceperiod>\n        <deletionGracePeriodSeconds>30</deletionGracePeriodSeconds>\n      </graceperiod>",
+        "<uid/>",
+    );
+    for wants in WANTS {
+        assert_eq!(parse(&current, wants), parse(KUBEVIRT_LEGACY, wants));
+    }
+}
+
+#[test]
+fn root_types_classify_into_four_values() {
+    for (root, hypervisor_type) in [
+        ("kvm", HypervisorType::Kvm),
+        ("qemu", HypervisorType::QemuTcg),
+        ("hyperv", HypervisorType::Mshv),
+        ("xen", HypervisorType::Unknown),
+        ("Hyperv", HypervisorType::Unknown),
+        ("", HypervisorType::Unknown),
+    ] {
+        let doc = format!("<domain type='{root}'><name>n</name><uuid>u</uuid></domain>");
+        let facts = parse(doc.as_bytes(), DEFAULT);
+        assert_eq!(facts.hypervisor_type, hypervisor_type, "{root:?}");
+        assert_eq!(
+            facts.domain_type,
+            some(root).filter(|t| !t.is_empty()).or(some(""))
+        );
+    }
+    let values: Vec<_> = HypervisorType::ALL.iter().map(|t| t.as_str()).collect();
+    assert_eq!(values, ["kvm", "qemu-tcg", "mshv", "unknown"]);
 }
 
 #[test]
@@ -162,7 +270,7 @@ fn plain_libvirt_domain_has_no_kubevirt_metadata() {
     assert_eq!(facts.hypervisor_type, HypervisorType::Kvm);
     assert_eq!(facts.name, some("fedora40-web"));
     assert_eq!(facts.uuid, some("1b4e28ba-2fa1-11d2-883f-0016d3cca427"));
-    assert_eq!(facts.kubevirt, None);
+    assert!(!facts.kubevirt);
     assert_eq!(facts.machine, some("pc-q35-9.0"));
     assert_eq!(facts.emulator, some("/usr/bin/qemu-system-x86_64"));
 }
@@ -177,7 +285,7 @@ fn minimal_tcg_domain_is_read_completely() {
             hypervisor_type: HypervisorType::QemuTcg,
             name: some("tiny-tcg"),
             uuid: some("c7a5fdbd-cdaf-9455-926a-d65c16db1809"),
-            kubevirt: None,
+            kubevirt: false,
             machine: some("pc"),
             arch: some("x86_64"),
             emulator: some("/usr/bin/qemu-system-x86_64"),
@@ -190,12 +298,7 @@ fn minimal_tcg_domain_is_read_completely() {
 fn prefixed_kubevirt_namespace_is_recognised() {
     let facts = parse(PREFIXED_NS, DEFAULT);
     assert_eq!(facts.name, some("prod-db_postgres-0"));
-    assert_eq!(
-        facts.kubevirt,
-        Some(KubevirtMeta {
-            uid: some("2f4e6a8c-1b3d-4f5a-8c7e-9d0b1a2c3e4f")
-        })
-    );
+    assert!(facts.kubevirt);
 }
 
 #[test]
@@ -223,7 +326,7 @@ fn truncation_after_what_is_read_goes_unnoticed() {
         let facts = parse(TRUNCATED, wants);
         assert_eq!(facts.hypervisor_type, HypervisorType::Kvm);
         assert_eq!(facts.name, some("default_testvm"));
-        assert!(facts.kubevirt.is_some());
+        assert!(facts.kubevirt);
     }
     assert_eq!(parse(TRUNCATED, OS).arch, some("x86_64"));
 }
@@ -235,7 +338,7 @@ fn truncation_before_what_is_wanted_is_an_error() {
         assert!(matches!(err, XmlError::Malformed { .. }), "{err:?}");
     }
     // Cut inside the header: an error whatever is wanted.
-    let cut = &KUBEVIRT_KVM[..200];
+    let cut = &KUBEVIRT_Q35_KVM[..200];
     for wants in WANTS {
         assert!(parse_domain_xml(cut, wants).is_err());
     }
@@ -258,7 +361,7 @@ fn input_that_is_not_xml_is_an_error() {
 fn kubevirt_element_in_another_namespace_is_not_kubevirt() {
     let facts = parse(WRONG_NS, ALL);
     assert_eq!(facts.name, some("default_lookalike"));
-    assert_eq!(facts.kubevirt, None);
+    assert!(!facts.kubevirt);
     assert_eq!(facts.hypervisor_type, HypervisorType::Kvm);
 }
 
@@ -355,11 +458,11 @@ fn depth_limit_is_exact() {
 #[test]
 fn deep_nesting_after_the_header_is_only_an_error_when_read() {
     let doc = replace(
-        KUBEVIRT_KVM,
+        KUBEVIRT_Q35_KVM,
         "<devices>",
         &format!("<devices>{}", nested(10_000)),
     );
-    assert_eq!(parse(&doc, DEFAULT).name, some("default_testvm"));
+    assert_eq!(parse(&doc, DEFAULT).name, some("team-a_fedora-web"));
     assert_eq!(parse(&doc, OS).arch, some("x86_64"));
     assert!(matches!(
         parse_err(&doc, EMULATOR),
@@ -404,7 +507,7 @@ fn huge_attributes_that_are_not_kept_are_fine() {
         HypervisorType::Kvm
     );
     let in_devices = replace(
-        KUBEVIRT_KVM,
+        KUBEVIRT_Q35_KVM,
         "<disk type='file'",
         &format!("<disk type='file' huge='{huge}'"),
     );
@@ -452,16 +555,16 @@ fn non_utf8_in_what_is_read_is_an_error() {
 
 #[test]
 fn non_utf8_after_what_is_read_goes_unnoticed() {
-    let mut doc = KUBEVIRT_KVM.to_vec();
+    let mut doc = KUBEVIRT_Q35_KVM.to_vec();
     let at = doc
         .windows(7)
         .position(|w| w == b"</disk>")
         .expect("fixture has a disk");
     doc.splice(at..at, [0xe9, 0xff, 0xfe]);
-    assert_eq!(parse(&doc, DEFAULT).name, some("default_testvm"));
+    assert_eq!(parse(&doc, DEFAULT).name, some("team-a_fedora-web"));
     assert_eq!(parse(&doc, ALL).emulator, some("/usr/libexec/qemu-kvm"));
     doc.extend_from_slice(b"\xff\xff");
-    assert_eq!(parse(&doc, DEFAULT).name, some("default_testvm"));
+    assert_eq!(parse(&doc, DEFAULT).name, some("team-a_fedora-web"));
 }
 
 #[test]
@@ -471,7 +574,7 @@ fn metadata_after_the_header_is_ignored_whatever_is_wanted() {
     for wants in WANTS {
         let facts = parse(METADATA_AFTER_DEVICES, wants);
         assert_eq!(facts.name, some("default_reordered"));
-        assert_eq!(facts.kubevirt, None);
+        assert!(!facts.kubevirt);
     }
     let all = parse(METADATA_AFTER_DEVICES, ALL);
     assert_eq!(all.arch, some("aarch64"));
@@ -480,9 +583,9 @@ fn metadata_after_the_header_is_ignored_whatever_is_wanted() {
 
 #[test]
 fn malformed_devices_are_never_read_with_default_wants() {
-    let doc = replace(KUBEVIRT_KVM, "<emulator>", "<disk></oops><emulator>");
+    let doc = replace(KUBEVIRT_Q35_KVM, "<emulator>", "<disk></oops><emulator>");
     for wants in [DEFAULT, OS] {
-        assert!(parse(&doc, wants).kubevirt.is_some());
+        assert!(parse(&doc, wants).kubevirt);
     }
     for wants in [EMULATOR, ALL] {
         assert!(matches!(
@@ -514,7 +617,7 @@ fn parser_returns_after_metadata_once_name_and_uuid_are_known() {
 
 #[test]
 fn emulator_wanted_stops_after_the_emulator() {
-    let doc = replace(KUBEVIRT_KVM, "</emulator>", "</emulator></oops>");
+    let doc = replace(KUBEVIRT_Q35_KVM, "</emulator>", "</emulator></oops>");
     assert_eq!(
         parse(&doc, EMULATOR).emulator,
         some("/usr/libexec/qemu-kvm")
@@ -531,30 +634,29 @@ fn missing_wanted_parts_read_to_the_root_end() {
 #[test]
 fn kubevirt_metadata_without_uid_is_still_a_vmi() {
     let doc = br#"<domain type='kvm'><name>ns_vm</name><metadata><kubevirt xmlns="http://kubevirt.io"/></metadata><memory/></domain>"#;
-    assert_eq!(
-        parse(doc, DEFAULT).kubevirt,
-        Some(KubevirtMeta { uid: None })
-    );
+    assert!(parse(doc, DEFAULT).kubevirt);
     let doc = br#"<domain type='kvm'><metadata><kubevirt xmlns="http://kubevirt.io"><graceperiod/><uid> </uid></kubevirt></metadata></domain>"#;
-    assert_eq!(
-        parse(doc, DEFAULT).kubevirt,
-        Some(KubevirtMeta { uid: None })
-    );
+    assert!(parse(doc, DEFAULT).kubevirt);
 }
 
 #[test]
-fn unprefixed_uid_under_prefixed_kubevirt_is_accepted() {
-    let doc = br#"<domain type='kvm'><metadata><k:kubevirt xmlns:k="http://kubevirt.io"><uid>u1</uid></k:kubevirt></metadata></domain>"#;
-    assert_eq!(
-        parse(doc, DEFAULT).kubevirt,
-        Some(KubevirtMeta { uid: some("u1") })
-    );
-    // A uid in a foreign namespace is not the VMI uid.
-    let doc = br#"<domain type='kvm'><metadata><kubevirt xmlns="http://kubevirt.io"><x:uid xmlns:x="urn:x">u1</x:uid></kubevirt></metadata></domain>"#;
-    assert_eq!(
-        parse(doc, DEFAULT).kubevirt,
-        Some(KubevirtMeta { uid: None })
-    );
+fn the_content_of_the_kubevirt_metadata_is_not_read() {
+    // A filled uid (older launchers), an empty one (current), or one too long to be kept: the
+    // element only marks the domain as a VMI.
+    let long = "u".repeat(MAX_VALUE_LEN + 1);
+    for uid in [
+        "<uid>u1</uid>",
+        "<uid/>",
+        "<uid></uid>",
+        &format!("<uid>{long}</uid>"),
+    ] {
+        let doc = format!(
+            r#"<domain type='kvm'><name>ns_vm</name><uuid>u</uuid><metadata><k:kubevirt xmlns:k="http://kubevirt.io">{uid}</k:kubevirt></metadata><memory/></domain>"#
+        );
+        let facts = parse(doc.as_bytes(), DEFAULT);
+        assert!(facts.kubevirt, "{uid}");
+        assert_eq!(facts.name, some("ns_vm"));
+    }
 }
 
 #[test]
@@ -988,6 +1090,7 @@ fn spec() -> impl Strategy<Value = Spec> {
         Just(Some("kvm".to_owned())),
         Just(Some("qemu".to_owned())),
         Just(Some("xen".to_owned())),
+        Just(Some("hyperv".to_owned())),
         Just(Some("KVM".to_owned())),
         attr_value_strategy().prop_map(Some),
     ];
@@ -1204,10 +1307,8 @@ fn expected_text(s: &Option<String>) -> Option<String> {
 
 fn expected(spec: &Spec) -> DomainFacts {
     let kubevirt = match &spec.kv {
-        Kv::DefaultNs | Kv::Prefixed(_) => Some(KubevirtMeta {
-            uid: expected_text(&spec.uid),
-        }),
-        Kv::Absent | Kv::WrongNs | Kv::NoNs => None,
+        Kv::DefaultNs | Kv::Prefixed(_) => true,
+        Kv::Absent | Kv::WrongNs | Kv::NoNs => false,
     };
     let os = if spec.wants.os { spec.os.clone() } else { None };
     DomainFacts {
