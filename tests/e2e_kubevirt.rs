@@ -181,8 +181,10 @@ fn shows(r: &Recorded, vmi: &Vmi) -> bool {
     keys(&r.series(METRIC)).contains(&key(vmi))
 }
 
-/// Every series of `r` has exactly the attributes the contract asks for, value 1, and none is
-/// duplicated; the set equals `expected`.
+/// Every series of `r` has exactly the attributes the contract asks for (with `pod_uid`, on by
+/// default for discovered connections: a kubelet pod UID, one per pod; here each pod's VMIs
+/// are in a namespace of their own, `kv-<pod>`), value 1, and none is duplicated; the set
+/// equals `expected`.
 fn check_exact(r: &Recorded, node: &str, expected: &BTreeSet<Vmi>) -> Result<(), String> {
     let series = r.series(METRIC);
     let ks = keys(&series);
@@ -202,12 +204,34 @@ fn check_exact(r: &Recorded, node: &str, expected: &BTreeSet<Vmi>) -> Result<(),
             expected.iter().map(Vmi::domain_name).collect::<Vec<_>>()
         ));
     }
+    let by_namespace: BTreeSet<(&str, &str)> = series
+        .iter()
+        .map(|s| {
+            (
+                s.attr("namespace").unwrap_or(""),
+                s.attr("pod_uid").unwrap_or(""),
+            )
+        })
+        .collect();
+    let namespaces: BTreeSet<&str> = by_namespace.iter().map(|(ns, _)| *ns).collect();
+    let uids: BTreeSet<&str> = by_namespace.iter().map(|(_, uid)| *uid).collect();
+    if by_namespace.len() != namespaces.len()
+        || uids.len() != namespaces.len()
+        || uids.iter().any(|u| u.len() != 36)
+    {
+        return Err(format!(
+            "request #{}: every pod's series need one 36-character pod_uid of their own:\n{}",
+            r.seq,
+            describe(&series)
+        ));
+    }
     for s in &series {
         let want: std::collections::BTreeMap<String, String> = [
             ("namespace", s.attr("namespace").unwrap_or("(absent)")),
             ("name", s.attr("name").unwrap_or("")),
             ("node", node),
             ("hypervisor_type", "qemu-tcg"),
+            ("pod_uid", s.attr("pod_uid").unwrap_or("")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
