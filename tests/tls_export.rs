@@ -18,35 +18,11 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 };
 use prost::Message;
 
+mod common;
+
+use common::pipeline::Pki;
+
 const BIN: &str = env!("CARGO_BIN_EXE_virt-hypervisor-agent");
-
-fn sh(dir: &Path, script: &str) {
-    let st = Command::new("bash")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "failed: {script}");
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
-fn make_pki(dir: &Path) {
-    sh(
-        dir,
-        r#"
-        ec() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "$@"; }
-        ec -x509 -keyout ca.key -out ca.pem -days 2 -subj /CN=vha-test-ca
-        ec -keyout server.key -out server.csr -subj /CN=localhost
-        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
-        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
-        ec -keyout client.key -out client.csr -subj /CN=vha-agent
-        printf 'extendedKeyUsage=clientAuth\n' > client.ext
-        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext
-        "#,
-    );
-}
 
 fn demo_uri() -> String {
     format!("test://{}/config/demo-node.xml", env!("CARGO_MANIFEST_DIR"))
@@ -164,15 +140,15 @@ fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T>
 
 #[test]
 fn grpc_export_over_mutual_tls_reaches_the_receiver() {
-    let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path());
+    let pki = Pki::new().unwrap();
+    let dir = pki.dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let sink = Sink::default();
-    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
             read("server.pem"),
@@ -193,7 +169,7 @@ fn grpc_export_over_mutual_tls_reaches_the_receiver() {
             .await
             .unwrap();
     });
-    let _agent = spawn_agent("grpc", &format!("https://localhost:{port}"), dir.path());
+    let _agent = spawn_agent("grpc", &format!("https://localhost:{port}"), dir);
     let got = wait_for(Duration::from_secs(20), || {
         sink.0
             .lock()
@@ -256,16 +232,16 @@ fn start_https_receiver(dir: &Path) -> (AgentProc, u16) {
 
 #[test]
 fn http_export_over_mutual_tls_reaches_the_receiver() {
-    let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path());
-    let (_server, port) = start_https_receiver(dir.path());
+    let pki = Pki::new().unwrap();
+    let dir = pki.dir();
+    let (_server, port) = start_https_receiver(dir);
     let _agent = spawn_agent(
         "http/protobuf",
         &format!("https://localhost:{port}/v1/metrics"),
-        dir.path(),
+        dir,
     );
     let got = wait_for(Duration::from_secs(20), || {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "bin"))
@@ -287,9 +263,9 @@ fn http_export_over_mutual_tls_reaches_the_receiver() {
 fn a_collector_with_an_untrusted_certificate_receives_nothing() {
     // The agent has a valid client identity but trusts only the web PKI roots (no CA file):
     // verifying the server's certificate must fail, so nothing is sent.
-    let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path());
-    let (_server, port) = start_https_receiver(dir.path());
+    let pki = Pki::new().unwrap();
+    let dir = pki.dir();
+    let (_server, port) = start_https_receiver(dir);
     let child = Command::new(BIN)
         .args([
             "--uri",
@@ -304,11 +280,11 @@ fn a_collector_with_an_untrusted_certificate_receives_nothing() {
         ])
         .env(
             "VIRT_HYPERVISOR_AGENT_EXPORT__TLS__CERT_FILE",
-            dir.path().join("client.pem"),
+            dir.join("client.pem"),
         )
         .env(
             "VIRT_HYPERVISOR_AGENT_EXPORT__TLS__KEY_FILE",
-            dir.path().join("client.key"),
+            dir.join("client.key"),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -316,7 +292,7 @@ fn a_collector_with_an_untrusted_certificate_receives_nothing() {
         .unwrap();
     let _agent = AgentProc(child);
     std::thread::sleep(Duration::from_secs(3));
-    let received = std::fs::read_dir(dir.path())
+    let received = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "bin"))

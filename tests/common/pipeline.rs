@@ -190,6 +190,11 @@ impl Pki {
         Ok(Pki { dir })
     }
 
+    /// The directory holding the files (a test may keep its own files there too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// `ca.pem`, `server.pem`, `server.key`, `client.pem` or `client.key`.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

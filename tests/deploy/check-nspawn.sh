@@ -246,7 +246,13 @@ check_series() {
     b=$(series_vmi "$MARK") || node_fail "no series of $VMI_NS/$VMI_NAME (launcher socket) at the receiver"
     (($(points "$MARK" --metric virt_hypervisor_agent_connection_up --attr connection=qemu:///system --value 1) > 0)) ||
         node_fail "no connection_up=1 for qemu:///system"
-    node_log "series at the receiver: $SYS_DOMAIN after ${a}s, $VMI_NS/$VMI_NAME after ${b}s (waited after install)"
+    # The running process confined itself with Landlock under the unit's own sandbox (its
+    # seccomp filter must let the three landlock calls through).
+    (($(points "$MARK" --metric virt_hypervisor_agent_landlock --attr status=full --value 1) > 0)) || {
+        ct journalctl -q -u "$UNIT" --no-pager | grep -i landlock >&2 || true
+        node_fail "the agent did not report virt_hypervisor_agent_landlock{status=full}"
+    }
+    node_log "series at the receiver: $SYS_DOMAIN after ${a}s, $VMI_NS/$VMI_NAME after ${b}s (waited after install); Landlock: full"
 }
 
 check_hardening() {

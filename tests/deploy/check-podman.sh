@@ -242,6 +242,11 @@ check_series() {
     a=$(wait_points "$SERIES_BOUND" "$MARK" --metric kubevirt_vmi_hypervisor_info --attr namespace=vha-ns \
         --attr name=vmi-one --attr hypervisor_type=qemu-tcg --attr "node=$NODE") || node_fail "no series of vha-ns/vmi-one"
     node_log "vha-ns/vmi-one (launcher present at start) at the receiver after ${a}s"
+    # The container confined itself with Landlock (podman's seccomp profile lets the calls through).
+    (($(points "$MARK" --metric virt_hypervisor_agent_landlock --attr status=full --value 1) > 0)) || {
+        podman logs "$CTR" 2>&1 | grep -i landlock >&2 || true
+        node_fail "the agent did not report virt_hypervisor_agent_landlock{status=full}"
+    }
     local mark b
     mark=$(log_mark)
     start_launcher l2 vmi-two
