@@ -125,6 +125,8 @@ fn a_confined_agent_cannot_read_other_pods_secrets_write_files_or_connect_elsewh
         port(&other).to_string(),
     ]
     .join("\n");
+    // A leftover from an unconfined run would make "nothing was written" fail for no reason.
+    let _ = std::fs::remove_file(std::env::temp_dir().join("vha-confined-write"));
     let out = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
