@@ -16,12 +16,14 @@ die() { log "ERROR: $*"; exit 1; }
 # daemon with its QEMU driver, the virsh client and QEMU itself. prometheus brings promtool (rule tests),
 # libpython3.11 is needed by the rotel OTLP collector binary, systemd brings systemd-analyze (unit checks),
 # openssl and curl make the test certificates and talk to the TLS collector and Prometheus
-# (tests/tls_export.rs, tests/e2e_collector_security.rs).
+# (tests/tls_export.rs, tests/e2e_collector_security.rs); python3-seccomp runs the agent as on a
+# kernel without Landlock (tests/confinement.rs).
 # NOT qemu-utils: the machine may carry a newer one from backports and apt refuses the mix.
 PACKAGES=(
     libvirt-dev pkg-config
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
     prometheus libpython3.11 systemd openssl curl
+    python3-seccomp
 )
 
 if [[ $(id -u) -ne 0 ]]; then

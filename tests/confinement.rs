@@ -216,3 +216,70 @@ fn the_running_agent_reports_full_confinement() {
     assert_eq!(series[0].attr("status"), Some("full"), "{log}");
     assert!(log.contains("confined with Landlock"), "{log}");
 }
+
+/// Runs the agent with Landlock's three system calls answering `ENOSYS`, as on a kernel built
+/// without it (a seccomp filter installed by Debian's python3-seccomp, then exec).
+const NO_LANDLOCK: &str = r#"
+import errno, os, sys, seccomp
+f = seccomp.SyscallFilter(seccomp.ALLOW)
+for call in ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"):
+    f.add_rule(seccomp.ERRNO(errno.ENOSYS), call)
+f.load()
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+#[test]
+fn without_landlock_the_agent_warns_once_says_so_and_keeps_working() {
+    let usable = Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        assert!(
+            !common::libvirt::e2e_required(),
+            "/usr/bin/python3 with the seccomp module (Debian python3-seccomp) is required"
+        );
+        eprintln!("skipped: /usr/bin/python3 cannot import seccomp (Debian python3-seccomp)");
+        return;
+    }
+    let rx = Receiver::start().expect("receiver");
+    let mut agent = Agent::spawn_wrapped(
+        &["/usr/bin/python3", "-c", NO_LANDLOCK],
+        &["run"],
+        &[
+            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", "test:///default"),
+            (
+                "VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT",
+                &rx.grpc_endpoint(),
+            ),
+            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .expect("spawn the agent");
+    let seen = wait_until(Duration::from_secs(20), || {
+        rx.latest_series("virt_hypervisor_agent_landlock")
+            .is_some_and(|s| !s.is_empty())
+            && rx
+                .latest_series("kubevirt_vmi_hypervisor_info")
+                .is_some_and(|s| !s.is_empty())
+    });
+    // A few more exports: the warning is not repeated.
+    std::thread::sleep(Duration::from_secs(2));
+    agent
+        .terminate(Duration::from_secs(10))
+        .expect("the agent stops");
+    let log = agent.log();
+    assert!(seen.is_ok(), "no landlock series or no VM:\n{log}");
+    let series = rx
+        .latest_series("virt_hypervisor_agent_landlock")
+        .unwrap_or_default();
+    assert_eq!(series.len(), 1, "{series:?}");
+    assert_eq!(series[0].attr("status"), Some("none"), "{log}");
+    assert_eq!(
+        log.matches("Landlock is not available on this kernel")
+            .count(),
+        1,
+        "one warning:\n{log}"
+    );
+}
