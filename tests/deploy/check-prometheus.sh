@@ -5,6 +5,7 @@
 #   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
 #   the tests really depend on staleness markers and on the KVM and MSHV capabilities (mutants must fail)
 #   every alert has a runbook_url whose section exists in deploy/README.md ("Runbooks")
+#   deploy/grafana/virt-hypervisor-agent.json                 dashboard structure (queries: tests/e2e_dashboard.rs)
 #   otel/collector.yaml, otel/collector-dev.yaml          otelcol-vha validate + structural check
 #   all of the above                                      yamllint
 set -euo pipefail
@@ -17,6 +18,7 @@ rules=deploy/prometheus/virt-hypervisor-agent.rules.yml
 rules_test=deploy/prometheus/virt-hypervisor-agent.rules.test.yml
 collector=otel/collector.yaml
 collector_dev=otel/collector-dev.yaml
+dashboard=deploy/grafana/virt-hypervisor-agent.json
 
 need_debian_pkg promtool prometheus
 promtool --version 2>&1 | head -n1
@@ -107,6 +109,45 @@ if extra:
 if errs:
     sys.exit('\n'.join(errs))
 print(f'check-prometheus: runbooks: {len(alerts)} alerts, each with runbook_url and its section: ok')
+PY
+
+# The Grafana dashboard: a dashboard model whose every panel reads the ${datasource} variable and has
+# PromQL targets (tests/e2e_dashboard.rs runs each against real data).
+"$bin/python" - "$dashboard" <<'PY' || fail "$dashboard"
+import json, sys
+path = sys.argv[1]
+d = json.load(open(path))
+errs = []
+if not d.get('uid') or not d.get('title'):
+    errs.append('uid and title must be set')
+variables = {v.get('name'): v for v in (d.get('templating') or {}).get('list', [])}
+if (variables.get('datasource') or {}).get('type') != 'datasource' or variables['datasource'].get('query') != 'prometheus':
+    errs.append('a "datasource" variable of type datasource (prometheus) is needed')
+ids, n = set(), 0
+def walk(panels):
+    global n
+    for p in panels:
+        if p.get('id') in ids:
+            errs.append(f'panel id {p.get("id")} used twice')
+        ids.add(p.get('id'))
+        if p.get('type') == 'row':
+            walk(p.get('panels') or [])
+            continue
+        title, targets = p.get('title'), p.get('targets') or []
+        if not targets:
+            errs.append(f'panel {title!r}: no targets')
+        refs = [t.get('refId') for t in targets]
+        if len(set(refs)) != len(refs):
+            errs.append(f'panel {title!r}: refIds repeat')
+        for t in [p] + targets:
+            if (t.get('datasource') or {}).get('uid') != '${datasource}':
+                errs.append(f'panel {title!r}: datasource must be ${{datasource}}')
+        errs.extend(f'panel {title!r}: a target without expr' for t in targets if not t.get('expr'))
+        n += 1
+walk(d.get('panels') or [])
+if errs:
+    sys.exit('\n'.join(f'{path}: {e}' for e in errs))
+print(f'check-prometheus: {path}: {n} panels, each on ${{datasource}} with PromQL targets: ok')
 PY
 
 # Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
