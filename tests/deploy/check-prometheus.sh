@@ -4,6 +4,8 @@
 #   deploy/prometheus/virt-hypervisor-agent.rules.yml     promtool check rules
 #   deploy/prometheus/virt-hypervisor-agent.rules.test.yml promtool test rules
 #   the tests really depend on staleness markers and on the KVM and MSHV capabilities (mutants must fail)
+#   every alert has a runbook_url whose section exists in deploy/README.md ("Runbooks")
+#   deploy/grafana/virt-hypervisor-agent.json                 dashboard structure (queries: tests/e2e_dashboard.rs)
 #   otel/collector.yaml, otel/collector-dev.yaml          otelcol-vha validate + structural check
 #   all of the above                                      yamllint
 set -euo pipefail
@@ -16,6 +18,7 @@ rules=deploy/prometheus/virt-hypervisor-agent.rules.yml
 rules_test=deploy/prometheus/virt-hypervisor-agent.rules.test.yml
 collector=otel/collector.yaml
 collector_dev=otel/collector-dev.yaml
+dashboard=deploy/grafana/virt-hypervisor-agent.json
 
 need_debian_pkg promtool prometheus
 promtool --version 2>&1 | head -n1
@@ -72,11 +75,85 @@ open(sys.argv[2], 'w').write(src.replace(name, 'virt_hypervisor_agent_node_mshv_
 PY
 mutant "MSHV capability ignored"
 
+# Runbooks: every alert names its node in the summary (but the one about no agent at all) and has
+# runbook_url = the placeholder base + deploy/README.md#<alert name in lower case>, and that section
+# ("### <alert>" under "## Runbooks") exists with what it means, how to confirm it, how to fix it.
+bin=$(deploy_venv)
+"$bin/python" - "$rules" deploy/README.md <<'PY' || fail "runbooks ($rules, deploy/README.md)"
+import re, sys, yaml
+rules, readme = sys.argv[1], sys.argv[2]
+base = 'https://virt-hypervisor-agent.invalid/deploy/README.md#'
+m = re.search(r'^## Runbooks\n(.*?)(?=^## )', open(readme).read(), re.M | re.S)
+if not m:
+    sys.exit(f'{readme}: no "## Runbooks" section')
+sections = {}
+for part in re.split(r'^### ', m.group(1), flags=re.M)[1:]:
+    head, _, body = part.partition('\n')
+    sections[head.strip()] = body
+alerts = [r for g in yaml.safe_load(open(rules))['groups'] for r in g['rules'] if 'alert' in r]
+errs = []
+for r in alerts:
+    name, ann = r['alert'], r.get('annotations') or {}
+    if ann.get('runbook_url') != base + name.lower():
+        errs.append(f'{name}: runbook_url is {ann.get("runbook_url")!r}, expected {base + name.lower()!r}')
+    if name != 'VirtHypervisorAgentAbsent' and '$labels.node' not in ann.get('summary', ''):
+        errs.append(f'{name}: the summary does not name the node')
+    body = sections.get(name)
+    if body is None:
+        errs.append(f'{name}: no "### {name}" section under "## Runbooks" in {readme}')
+        continue
+    errs += [f'{name}: its runbook has no {p}' for p in ('**Means.**', '**Confirm.**', '**Fix.**') if p not in body]
+extra = sorted(set(sections) - {r['alert'] for r in alerts})
+if extra:
+    errs.append(f'{readme}: runbook sections without an alert: {extra}')
+if errs:
+    sys.exit('\n'.join(errs))
+print(f'check-prometheus: runbooks: {len(alerts)} alerts, each with runbook_url and its section: ok')
+PY
+
+# The Grafana dashboard: a dashboard model whose every panel reads the ${datasource} variable and has
+# PromQL targets (tests/e2e_dashboard.rs runs each against real data).
+"$bin/python" - "$dashboard" <<'PY' || fail "$dashboard"
+import json, sys
+path = sys.argv[1]
+d = json.load(open(path))
+errs = []
+if not d.get('uid') or not d.get('title'):
+    errs.append('uid and title must be set')
+variables = {v.get('name'): v for v in (d.get('templating') or {}).get('list', [])}
+if (variables.get('datasource') or {}).get('type') != 'datasource' or variables['datasource'].get('query') != 'prometheus':
+    errs.append('a "datasource" variable of type datasource (prometheus) is needed')
+ids, n = set(), 0
+def walk(panels):
+    global n
+    for p in panels:
+        if p.get('id') in ids:
+            errs.append(f'panel id {p.get("id")} used twice')
+        ids.add(p.get('id'))
+        if p.get('type') == 'row':
+            walk(p.get('panels') or [])
+            continue
+        title, targets = p.get('title'), p.get('targets') or []
+        if not targets:
+            errs.append(f'panel {title!r}: no targets')
+        refs = [t.get('refId') for t in targets]
+        if len(set(refs)) != len(refs):
+            errs.append(f'panel {title!r}: refIds repeat')
+        for t in [p] + targets:
+            if (t.get('datasource') or {}).get('uid') != '${datasource}':
+                errs.append(f'panel {title!r}: datasource must be ${{datasource}}')
+        errs.extend(f'panel {title!r}: a target without expr' for t in targets if not t.get('expr'))
+        n += 1
+walk(d.get('panels') or [])
+if errs:
+    sys.exit('\n'.join(f'{path}: {e}' for e in errs))
+print(f'check-prometheus: {path}: {n} panels, each on ${{datasource}} with PromQL targets: ok')
+PY
+
 # Collector config: the collector's own validation (the minimal collector of otel/builder-config.yaml,
 # built and cached by scripts/build-collector.sh), then what this pipeline needs of it.
 bash "$(dirname "${BASH_SOURCE[0]}")/../../scripts/build-collector.sh" --validate >/dev/null ||
     fail "$collector, $collector_dev: otelcol-vha validate"
-bin=$(deploy_venv)
 for profile in production:"$collector" development:"$collector_dev"; do
 "$bin/python" - "${profile#*:}" "${profile%%:*}" <<'PY' || fail "${profile#*:}"
 import re, sys, yaml
