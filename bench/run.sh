@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The benchmarks of issue 5 in one command: prints the tables and writes bench/out/results.md (the
+# The benchmarks of BENCHMARKS.md in one command: prints the tables and writes bench/out/results.md (the
 # generated part of BENCHMARKS.md) and docs/idle-cpu-vs-n.svg.
 #
 #   bash bench/run.sh            full run (about 35 minutes; needs root, ~4.5 GiB free RAM)
 #   bash bench/run.sh --write    same, then replace the generated section of BENCHMARKS.md
 #   bash bench/run.sh --quick    a few minutes, tiny sizes: checks the machinery, numbers meaningless
 #   bash bench/run.sh --report   only rebuild the tables from the last results in bench/out
-#   bash bench/run.sh --promql   only the PromQL benchmarks of issue 10 (about 8 minutes): visibility
+#   bash bench/run.sh --promql   only the PromQL benchmarks (about 8 minutes): visibility
 #                                of starts/stops through collector -> Prometheus 2.42, Prometheus 3 OTLP
 #                                and the peer; fleet cost (bytes, requests, collector CPU per agent).
 #                                Prints the tables, writes bench/out/promql-visibility.json and

@@ -1,4 +1,4 @@
-//! The benchmark suite of issue 5 (see BENCHMARKS.md). Run everything with `bash bench/run.sh`.
+//! The benchmark suite (see BENCHMARKS.md). Run everything with `bash bench/run.sh`.
 //!
 //! Modes (`cargo bench --bench suite -- MODE [OPTIONS]`):
 //! - `live`: real libvirtd + QEMU: idle cost, change visibility, initial sync and per-transition

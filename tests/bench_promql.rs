@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used)] // benchmark harness: a failed unwrap is a failed run
-//! Benchmarks where the user looks (issue 10, item 6). Both are `#[ignore]`d: they take minutes and
+//! Benchmarks where the user looks (BENCHMARKS.md, "Where the user looks"). Both are `#[ignore]`d: they take minutes and
 //! print tables instead of asserting on time. Run them one at a time, in release mode:
 //!
 //! ```sh
@@ -78,7 +78,7 @@ const MISS_AFTER: Duration = Duration::from_secs(60);
 /// next change of that domain would follow the peer's scrape that showed the last one, i.e. start
 /// early in a scrape interval, and the peer's latency would be biased towards a full interval.
 const REST_MAX: Duration = Duration::from_secs(15);
-/// The goal of issue 10 for the agent's pipelines, p99 of starts and of stops.
+/// The goal for the agent's pipelines (BENCHMARKS.md), p99 of starts and of stops.
 const GOAL_P99: Duration = Duration::from_secs(2);
 
 fn env_num(key: &str, default: u64) -> u64 {

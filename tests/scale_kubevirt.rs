@@ -1,4 +1,4 @@
-//! Benchmark, KubeVirt mode at scale (issue 3, "Performance to measure"): 50 simulated virt-launcher
+//! Benchmark, KubeVirt mode at scale (bench/kubevirt-scale.md): 50 simulated virt-launcher
 //! pods (or as many as memory allows; the number used is printed), each a real non-root libvirt
 //! session daemon with one 32 MiB TCG domain started paused, all watched by ONE agent in discovery
 //! mode, so every connection's events come through the agent's single `libvirt-events` loop thread.

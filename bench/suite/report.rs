@@ -144,7 +144,7 @@ pub fn build(o: &ReportOpts) -> Result<(String, String)> {
     writeln!(w)?;
 
     // ------------------------------------------------------------ summary
-    writeln!(w, "### Summary: goals of issue 5")?;
+    writeln!(w, "### Summary: the goals")?;
     writeln!(w)?;
     writeln!(
         w,

@@ -228,7 +228,8 @@ pub struct ExportConfig {
     pub exporter: ExporterKind,
     /// `None`: `OTEL_EXPORTER_OTLP_PROTOCOL`, else grpc.
     pub protocol: Option<Protocol>,
-    /// `None`: the SDK reads `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, else the protocol's default.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` (resolved in `export/otlp.rs`), else the
+    /// protocol's default.
     pub endpoint: Option<String>,
     /// Extra request headers (merged over `OTEL_EXPORTER_OTLP_HEADERS`).
     pub headers: BTreeMap<String, String>,

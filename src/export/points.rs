@@ -375,7 +375,8 @@ fn shared(s: &Arc<str>) -> Value {
     Value::String(StringValue::from(Arc::clone(s)))
 }
 
-/// The data-point attributes of one domain (contract §1), sorted by key as the SDK stores them.
+/// The data-point attributes of one domain (README, "Metric reference"), sorted by key as the
+/// SDK stores them.
 fn domain_attributes(
     d: &DomainRecord,
     node: &Arc<str>,

@@ -1,4 +1,4 @@
-//! Resource attributes (contract §1): `service.name`, `service.version`, `service.instance.id`
+//! Resource attributes (README, "Metric reference"): `service.name`, `service.version`, `service.instance.id`
 //! (stable per host and node), `host.name`, `k8s.node.name`. `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES` are honoured: the SDK's environment detectors run first and the
 //! agent only fills in what they did not set.
