@@ -141,7 +141,10 @@ boot() {
         mount -t tmpfs tmpfs /run/systemd/nspawn
         NSPAWN_TMPFS=1
     fi
+    # nspawn's own seccomp allow-list (systemd 252) lacks the Landlock calls: add them, so that
+    # what the agent achieves is decided by its unit's filter alone, as on a real host.
     systemd-nspawn -D "$work/root" --boot --register=no --keep-unit --machine="vha-ci-$$" \
+        --system-call-filter="landlock_create_ruleset landlock_add_rule landlock_restrict_self" \
         --bind-ro="$work/debs:/vha-debs" >"$work/nspawn.log" 2>&1 </dev/null &
     NSPAWN_PID=$!
     local t0 p

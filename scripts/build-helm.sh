@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build Helm (helm.sh/helm/v3) from the Go module proxy, once; print the binary's path on stdout.
+# Used by tests/deploy/check-helm.sh (lint, template, schema) and the chart's end-to-end test.
+# Cache: $VHA_CACHE_DIR (default /var/cache/virt-hypervisor-agent-ci)/helm/<version>-<go>/helm,
+# with its Go module and build caches beside it (a cold CI is really cold, a warm one is instant).
+set -euo pipefail
+VERSION=${VHA_HELM_VERSION:-v3.22.0}
+CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/helm
+
+log() { printf 'build-helm.sh: %s\n' "$*" >&2; }
+command -v go >/dev/null || { log "ERROR: go not found (Helm is built from the Go module proxy)"; exit 1; }
+
+key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
+dir=$CACHE/$VERSION-$key
+bin=$dir/helm
+if [[ -x $bin ]]; then
+    log "cached: $bin"
+else
+    mkdir -p "$CACHE"
+    t=$SECONDS
+    log "building helm $VERSION (cold: a few minutes)"
+    # Helm's go.mod has no replace directives: go install pkg@version works.
+    GOBIN=$dir.tmp GOMODCACHE=$CACHE/gomod GOCACHE=$CACHE/gocache GOFLAGS=-buildvcs=false \
+        CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v3/cmd/helm@$VERSION" >&2
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    log "built $bin in $((SECONDS - t))s"
+fi
+printf '%s\n' "$bin"
