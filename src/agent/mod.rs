@@ -182,6 +182,7 @@ impl Agent {
         let kvm_push = shared.push.clone();
         helpers.spawn(crate::node::watch_kvm(
             crate::node::kvm::KVM_DEVICE.into(),
+            crate::node::kvm::KVM_SYSFS_DEV.into(),
             Arc::clone(&shared.telemetry),
             move || kvm_push.push(),
             cfg.libvirt.resync_interval,
