@@ -709,25 +709,19 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let q = format!("kubevirt_vmi_hypervisor_info{{namespace=\"{VM_NS}\",name=\"vm-during-upgrade\",pod_uid=\"{uid}\"}}");
-        let took = prom.wait_for(&q, Instant::now(), SERIES_BOUND, |s| s.len() == 1)?;
-        // Give the DaemonSet controller time to act on the label, then look again.
-        let wait = Duration::from_secs(15).saturating_sub(t_flip.elapsed());
-        std::thread::sleep(wait);
+        // Give the DaemonSet controller time to act on the label, then look.
+        std::thread::sleep(Duration::from_secs(15).saturating_sub(t_flip.elapsed()));
         let pods = cluster.agent_pods()?;
-        if !pods
+        let stayed = pods
             .iter()
-            .any(|p| p["metadata"]["uid"] == agent_uid.as_str())
-        {
-            bail!(
-                "the agent pod {agent_uid} was deleted after the label flipped (pods now: {})",
-                pods.len()
-            );
+            .any(|p| p["metadata"]["uid"] == agent_uid.as_str());
+        let q = format!("kubevirt_vmi_hypervisor_info{{namespace=\"{VM_NS}\",name=\"vm-during-upgrade\",pod_uid=\"{uid}\"}}");
+        let seen = prom.wait_for(&q, Instant::now(), SERIES_BOUND, |s| s.len() == 1);
+        match (stayed, seen) {
+            (true, Ok(took)) => Ok(format!("same agent pod {:.0?} after the flip; a VM started meanwhile appeared in {took:.1?}", t_flip.elapsed())),
+            (false, seen) => bail!("the agent pod {agent_uid} was deleted after the label flipped (agent pods now: {}); the VM started meanwhile: {}", pods.len(), seen.map(|_| "seen".to_string()).unwrap_or_else(|e| e.to_string())),
+            (true, Err(e)) => bail!("the agent pod stayed, but the VM started meanwhile never appeared: {e}"),
         }
-        Ok(format!(
-            "same agent pod {:.0?} after the flip; a VM started meanwhile appeared in {took:.1?}",
-            t_flip.elapsed()
-        ))
     })();
     report.check("b: agent stays while kubevirt.io/schedulable=false", b);
     cluster
@@ -819,6 +813,12 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
         ])
         .unwrap_or_default();
     let a2 = (|| -> Result<String> {
+        let old: Vec<String> = cluster
+            .agent_pods()?
+            .iter()
+            .filter_map(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+            .collect();
+        let t = Instant::now();
         for p in cluster.agent_pods()? {
             cluster.kubectl(&[
                 "-n",
@@ -829,13 +829,22 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
                 "--wait=false",
             ])?;
         }
-        let t = Instant::now();
-        std::thread::sleep(Duration::from_secs(1));
-        let (_, took) = cluster.wait_agent_ready(SCHEDULE_BOUND)?;
-        let _ = t;
-        Ok(format!(
-            "new agent pod ready {took:.1?} after deleting the old one"
-        ))
+        loop {
+            let fresh = cluster.agent_pods()?.into_iter().find(|p| {
+                !old.iter().any(|u| p["metadata"]["uid"] == u.as_str())
+                    && p["status"]["containerStatuses"][0]["ready"].as_bool() == Some(true)
+            });
+            if let Some(p) = fresh {
+                let cap = cluster.json(&["get", "node", &node])?["status"]["allocatable"]
+                    ["devices.kubevirt.io/kvm"]
+                    .clone();
+                return Ok(format!("new agent pod {} ready {:.1?} after deleting the old one (node allocatable devices.kubevirt.io/kvm = {cap})", p["metadata"]["name"], t.elapsed()));
+            }
+            if t.elapsed() > SCHEDULE_BOUND {
+                bail!("no new ready agent pod within {SCHEDULE_BOUND:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     })();
     report.check(
         "a: agent also runs on a node with devices.kubevirt.io/kvm",
