@@ -17,13 +17,17 @@ die() { log "ERROR: $*"; exit 1; }
 # libpython3.11 is needed by the rotel OTLP collector binary, systemd brings systemd-analyze (unit checks),
 # openssl and curl make the test certificates and talk to the TLS collector and Prometheus
 # (tests/tls_export.rs, tests/e2e_collector_security.rs); python3-seccomp runs the agent as on a
-# kernel without Landlock (tests/confinement.rs).
+# kernel without Landlock (tests/confinement.rs). The single-node Kubernetes of tests/e2e_k8s.rs
+# (scripts/k8s-cluster.sh) takes etcd, runc and the CNI plugins from Debian (its kubelet, control plane and
+# containerd 2.x are built by scripts/build-k8s.sh), debootstrap for its local images, iptables for the
+# CNI bridge plugin.
 # NOT qemu-utils: the machine may carry a newer one from backports and apt refuses the mix.
 PACKAGES=(
     libvirt-dev pkg-config
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
     prometheus libpython3.11 systemd openssl curl
     python3-seccomp
+    runc containernetworking-plugins etcd-server debootstrap iptables
 )
 
 if [[ $(id -u) -ne 0 ]]; then

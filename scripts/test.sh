@@ -72,8 +72,17 @@ build_prometheus3() {
     VHA_PROMETHEUS3_BIN=$(bash scripts/build-prometheus.sh)
     export VHA_PROMETHEUS3_BIN
 }
+# The single-node Kubernetes of tests/e2e_k8s.rs (the DaemonSet on a real kubelet): kubelet,
+# control plane, kubectl and containerd 2.x built from the Go module proxy, cached under
+# $VHA_CACHE_DIR/k8s (a cold build is about 10 minutes on 2 cores). The test starts and stops the
+# cluster itself through scripts/k8s-cluster.sh.
+build_k8s() {
+    VHA_K8S_BIN=$(nice -n 10 bash scripts/build-k8s.sh)
+    export VHA_K8S_BIN
+}
 step "collector: ocb build (cached) + validate otel/collector.yaml" build_collector
 step "Prometheus 3: build from the Go module proxy (cached)" build_prometheus3
+step "Kubernetes: build (cached)" build_k8s
 
 step "dependencies build with rust-version (scripts/check-msrv.sh)" bash scripts/check-msrv.sh
 step "cargo fmt --check" cargo fmt --all --check

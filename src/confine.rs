@@ -76,6 +76,9 @@ pub struct Plan {
     pub devices: Vec<PathBuf>,
     /// TCP ports that may be connected to; `None`: TCP is not restricted.
     pub tcp_connect: Option<Vec<u16>>,
+    /// TCP ports that may be bound (the health endpoint's, `health.listen`); only enforced
+    /// together with `tcp_connect`.
+    pub tcp_bind: Vec<u16>,
     /// Why confinement is off for this configuration, if it is.
     pub off: Option<String>,
 }
@@ -188,6 +191,7 @@ impl Plan {
         ports.sort_unstable();
         ports.dedup();
         plan.tcp_connect = Some(ports);
+        plan.tcp_bind.extend(cfg.health.addr().map(|a| a.port()));
         plan.read = SYSTEM_FILES.iter().map(PathBuf::from).collect();
         plan.read.extend(config_file.map(Path::to_path_buf));
         plan.read.extend(tls.iter().cloned());
@@ -275,10 +279,12 @@ fn restrict(plan: &Plan) -> Result<RulesetStatus, RulesetError> {
         ruleset = ruleset.handle_access(AccessNet::from_all(abi))?;
     }
     let ports = plan.tcp_connect.iter().flatten();
+    let binds = plan.tcp_bind.iter().filter(|_| plan.tcp_connect.is_some());
     let status = ruleset
         .create()?
         .add_rules(rules.into_iter().map(Ok::<_, RulesetError>))?
         .add_rules(ports.map(|p| Ok::<_, RulesetError>(NetPort::new(*p, AccessNet::ConnectTcp))))?
+        .add_rules(binds.map(|p| Ok::<_, RulesetError>(NetPort::new(*p, AccessNet::BindTcp))))?
         .restrict_self()?;
     Ok(status.ruleset)
 }
@@ -320,6 +326,15 @@ mod tests {
         assert_eq!(plan.off, None);
         assert_eq!(plan.list, [PathBuf::from("/var/lib/kubelet")]);
         assert_eq!(plan.tcp_connect, Some(vec![4317]));
+        assert!(plan.tcp_bind.is_empty(), "no health endpoint, no bind");
+        cfg.health.listen = Some("0.0.0.0:8080".into());
+        let with_health = Plan::for_config(&cfg, None, Some("https://otel.example:4317"), &[]);
+        assert_eq!(
+            with_health.tcp_bind,
+            [8080],
+            "only the health endpoint's port"
+        );
+        assert_eq!(with_health.tcp_connect, Some(vec![4317]));
         for p in [
             "/etc/virt-hypervisor-agent/config.yaml",
             "/etc/vha/ca.pem",

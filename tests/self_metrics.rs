@@ -135,9 +135,10 @@ fn every_declared_metric_is_emitted_with_consistent_values() {
     let kvm = req.series("virt_hypervisor_agent_node_kvm_available");
     assert_eq!(kvm.len(), 1);
     assert_eq!(kvm[0].attr("node"), Some("metrics-node"));
-    let here = virt_hypervisor_agent::node::probe_kvm(std::path::Path::new(
-        virt_hypervisor_agent::node::kvm::KVM_DEVICE,
-    ));
+    let here = virt_hypervisor_agent::node::probe_kvm_node(
+        std::path::Path::new(virt_hypervisor_agent::node::kvm::KVM_DEVICE),
+        std::path::Path::new(virt_hypervisor_agent::node::kvm::KVM_SYSFS_DEV),
+    );
     assert_eq!(
         kvm[0].value.as_f64(),
         if here.available() { 1.0 } else { 0.0 },

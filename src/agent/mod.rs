@@ -18,6 +18,7 @@ use crate::config::{AgentConfig, ExporterKind};
 use crate::discovery::{self, paths, Change};
 use crate::domain::Wants;
 use crate::export::{ExportError, Exporter, PushTrigger, Telemetry};
+use crate::health::{self, Health};
 use crate::inventory::{ConnId, Inventory, Snapshot};
 use crate::source::event_loop::{self, EventLoop, EventLoopError};
 use call::CallError;
@@ -34,6 +35,12 @@ pub enum AgentError {
     EventLoop(#[from] EventLoopError),
     #[error("setting up export")]
     Export(#[from] ExportError),
+    #[error("health.listen: cannot listen on {addr}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every task.
@@ -157,6 +164,18 @@ impl Agent {
             events,
         } = self;
         let cfg = Arc::clone(&shared.cfg);
+        // Bound first: a port that is taken is a configuration error, reported before anything
+        // else starts.
+        let health_listener = match cfg.health.addr() {
+            Some(addr) => Some((
+                addr,
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Health { addr, source })?,
+            )),
+            None => None,
+        };
+        let health = Arc::new(Health::new());
         let export_task = exporter.spawn_export_task(cfg.export.debounce);
         tracing::info!(node = %shared.node, uris = ?cfg.libvirt.uris, exporter = ?cfg.export.exporter, "agent starting");
 
@@ -182,6 +201,7 @@ impl Agent {
         let kvm_push = shared.push.clone();
         helpers.spawn(crate::node::watch_kvm(
             crate::node::kvm::KVM_DEVICE.into(),
+            crate::node::kvm::KVM_SYSFS_DEV.into(),
             Arc::clone(&shared.telemetry),
             move || kvm_push.push(),
             cfg.libvirt.resync_interval,
@@ -196,11 +216,22 @@ impl Agent {
             stop_rx.clone(),
         ));
 
+        if let Some((addr, listener)) = health_listener {
+            tracing::info!(%addr, "health endpoint listening (GET /livez, /readyz)");
+            helpers.spawn(health::heartbeat(Arc::clone(&health), stop_rx.clone()));
+            helpers.spawn(health::serve(
+                listener,
+                Arc::clone(&health),
+                stop_rx.clone(),
+            ));
+        }
+
         // Readiness: after every explicit connection finished its first sync (or failed it).
         // Says what happened: a connection that could not be opened is not "synced", and a
         // stop before the first sync ends the wait without announcing anything.
         let ready_push = shared.push.clone();
         let ready_stop = stop_rx.clone();
+        let ready_health = Arc::clone(&health);
         helpers.spawn(async move {
             let total = first_syncs.len();
             let mut synced = 0;
@@ -211,6 +242,7 @@ impl Agent {
                 return;
             }
             ready_push.push_now();
+            ready_health.set_ready();
             if synced == total {
                 tracing::info!(connections = total, "initial sync done");
             } else {
@@ -225,13 +257,15 @@ impl Agent {
         });
         if let Some(period) = watchdog_period() {
             let mut stop = stop_rx.clone();
+            event_loop::enable_heartbeat();
             helpers.spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            // Only vouch for liveness while the libvirt event loop is alive.
-                            if event_loop::is_running() {
+                            // Only vouch for liveness while the libvirt event loop is alive and
+                            // dispatching (the same check as the health endpoint's /livez).
+                            if health::loops_alive() {
                                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                             }
                         }

@@ -76,7 +76,24 @@ pub struct AgentConfig {
     pub libvirt: LibvirtConfig,
     pub metric: MetricConfig,
     pub export: ExportConfig,
+    pub health: HealthConfig,
     pub security: SecurityConfig,
+}
+
+/// The HTTP health endpoint (`src/health.rs`): `GET /livez` and `GET /readyz` for a kubelet's
+/// probes. Off unless an address is given; the systemd unit uses `sd_notify` instead.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Address to listen on (`0.0.0.0:8080`, `[::]:8080`, `127.0.0.1:8080`); unset: no endpoint.
+    pub listen: Option<String>,
+}
+
+impl HealthConfig {
+    /// The parsed address; `None` when unset (or invalid, which validation refuses first).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|a| a.trim().parse().ok())
+    }
 }
 
 /// How the agent confines itself (`src/confine.rs`).

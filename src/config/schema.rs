@@ -163,6 +163,7 @@ pub(crate) const SCHEMA: &[Field] = &[
             ),
         ]),
     ),
+    req("health", Kind::Section(&[opt("listen", Kind::Str)])),
     req("security", Kind::Section(&[req("landlock", Kind::Bool)])),
 ];
 

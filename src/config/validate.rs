@@ -76,6 +76,7 @@ impl AgentConfig {
         self.check_libvirt(&mut errs);
         self.check_metric(&mut errs);
         self.check_export(&mut errs);
+        self.check_health(&mut errs);
         ConfigError::from_all(errs)
     }
 
@@ -305,6 +306,21 @@ impl AgentConfig {
             m.cardinality_limit,
             MAX_CARDINALITY_LIMIT,
         );
+    }
+
+    fn check_health(&self, errs: &mut Vec<ConfigError>) {
+        if let Some(listen) = &self.health.listen {
+            if listen.trim().parse::<std::net::SocketAddr>().is_err() {
+                errs.push(ConfigError::invalid(
+                    "health.listen",
+                    "address",
+                    quoted(listen),
+                    "expected an IP address and port like 0.0.0.0:8080, [::]:8080 or \
+                     127.0.0.1:8080 (no host names)"
+                        .to_string(),
+                ));
+            }
+        }
     }
 
     fn check_export(&self, errs: &mut Vec<ConfigError>) {
@@ -627,6 +643,29 @@ mod tests {
             "http://[::1",
         ] {
             assert!(check_http_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_health_endpoint_needs_an_ip_address_and_port() {
+        let mut cfg = AgentConfig::default();
+        assert_eq!(cfg.health.addr(), None, "off by default");
+        for ok in ["0.0.0.0:8080", "[::]:8080", "127.0.0.1:1"] {
+            cfg.health.listen = Some(ok.into());
+            assert!(cfg.validate().is_ok(), "{ok}");
+            assert!(cfg.health.addr().is_some(), "{ok}");
+        }
+        for bad in [
+            "8080",
+            "localhost:8080",
+            ":8080",
+            "0.0.0.0",
+            "0.0.0.0:99999",
+            "",
+        ] {
+            cfg.health.listen = Some(bad.into());
+            let err = cfg.validate().expect_err(bad).to_string();
+            assert!(err.contains("health.listen"), "{bad}: {err}");
         }
     }
 

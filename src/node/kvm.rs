@@ -15,6 +15,13 @@
 /// The device QEMU opens to run a KVM guest.
 pub const KVM_DEVICE: &str = "/dev/kvm";
 
+/// What the kernel publishes for the KVM misc device once `kvm` and `kvm_intel`/`kvm_amd` have
+/// loaded (they register it only when the CPU's virtualization extensions are usable); devtmpfs
+/// then makes `/dev/kvm` from it. Readable in any container (every sysfs mount shows it), so it
+/// answers for the node where `/dev/kvm` itself is not in the agent's view: a DaemonSet pod that
+/// asks for no device (see deploy/README.md, "Kubernetes / KubeVirt").
+pub const KVM_SYSFS_DEV: &str = "/sys/devices/virtual/misc/kvm/dev";
+
 /// The only KVM API version Linux has ever reported (stable since 2.6.22).
 pub const KVM_API_VERSION: i32 = 12;
 
@@ -40,18 +47,27 @@ pub enum KvmStatus {
     NotKvm { api_version: Option<i32> },
     /// Anything else (the OS error number, when there is one).
     Failed { errno: Option<i32> },
+    /// `/dev/kvm` is not in the agent's view (a container given no device), but the kernel has
+    /// registered the KVM device (`/sys/devices/virtual/misc/kvm/dev` reads `10:232`): the node
+    /// has `/dev/kvm`, and KVM guests can run there. The API version is not asked.
+    Registered,
 }
 
 impl KvmStatus {
     /// The value of `virt_hypervisor_agent_node_kvm_available`.
     pub fn available(self) -> bool {
-        self == Self::Available
+        matches!(self, Self::Available | Self::Registered)
     }
 
     /// A short reason for the log.
     pub fn reason(self) -> String {
         match self {
             Self::Available => "KVM API version 12".into(),
+            Self::Registered => {
+                "KVM device registered by the kernel (sysfs misc 10:232); /dev/kvm is not in \
+                 this container, its API version was not asked"
+                    .into()
+            }
             Self::Missing => "no KVM device".into(),
             Self::Denied => "permission denied".into(),
             Self::NotKvm { api_version: None } => "not the KVM device".into(),
@@ -68,7 +84,7 @@ impl KvmStatus {
     /// What an operator should look at.
     pub fn hint(self) -> &'static str {
         match self {
-            Self::Available => "",
+            Self::Available | Self::Registered => "",
             Self::Missing => {
                 "enable hardware virtualization (VT-x/AMD-V, or nested virtualization for a cloud \
                  VM) and load kvm_intel or kvm_amd"
@@ -113,6 +129,21 @@ pub fn api_version(result: Result<i32, Option<i32>>) -> KvmStatus {
         Err(Some(ENOTTY | EINVAL)) => KvmStatus::NotKvm { api_version: None },
         Err(Some(EACCES | EPERM)) => KvmStatus::Denied,
         Err(errno) => KvmStatus::Failed { errno },
+    }
+}
+
+/// `/dev/kvm` was not found (`Missing`); `sysfs` is what the kernel's KVM misc device entry
+/// ([`KVM_SYSFS_DEV`]) read, if anything. Only a missing device node is reconsidered: a device
+/// that is there but refuses the agent stays `Denied`, whatever sysfs says.
+pub fn missing_device(sysfs: Option<&str>) -> KvmStatus {
+    let number = sysfs.and_then(|s| {
+        let (major, minor) = s.trim().split_once(':')?;
+        Some((major.parse::<u64>().ok()?, minor.parse::<u64>().ok()?))
+    });
+    if number == Some(KVM_DEVICE_NUMBER) {
+        KvmStatus::Registered
+    } else {
+        KvmStatus::Missing
     }
 }
 
@@ -212,6 +243,23 @@ mod tests {
         ] {
             assert!(!s.available(), "{s:?}");
             assert!(!s.hint().is_empty(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_node_is_available_only_when_the_kernel_registered_kvm() {
+        assert_eq!(missing_device(Some("10:232\n")), KvmStatus::Registered);
+        assert!(KvmStatus::Registered.available());
+        assert!(KvmStatus::Registered.hint().is_empty());
+        // No sysfs entry (no KVM module, no hardware support), or something else there.
+        for other in [
+            None,
+            Some(""),
+            Some("10:233\n"),
+            Some("232:10"),
+            Some("junk"),
+        ] {
+            assert_eq!(missing_device(other), KvmStatus::Missing, "{other:?}");
         }
     }
 

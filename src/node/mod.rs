@@ -4,6 +4,8 @@
 //!
 //! [`probe_kvm`] opens `/dev/kvm` read-only (non-blocking, close-on-exec), checks that it is the
 //! KVM character device and asks it for its API version; [`kvm`] decides what the outcome means.
+//! Where `/dev/kvm` is not in the agent's view at all (a DaemonSet pod that requests no device),
+//! [`probe_kvm_node`] reads the kernel's KVM misc device entry in sysfs instead.
 //! [`probe_mshv`] opens `/dev/mshv` the same way and checks that it is a character device (the
 //! device has no harmless query: see [`mshv`]). [`watch_kvm`] and [`watch_mshv`] run their probe
 //! at start and then at every resync interval, each time on a blocking thread bounded by a
@@ -91,6 +93,21 @@ fn open_device(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), Option
     Ok((file, meta))
 }
 
+/// Probe the KVM device at `path` (normally [`kvm::KVM_DEVICE`]); when it is not there, ask the
+/// kernel's misc device entry at `sysfs` (normally [`kvm::KVM_SYSFS_DEV`]) whether the node has
+/// it (see [`kvm::missing_device`]). Blocking (but only briefly).
+pub fn probe_kvm_node(path: &Path, sysfs: &Path) -> KvmStatus {
+    match probe_kvm(path) {
+        KvmStatus::Missing => {
+            // A sysfs attribute: a few bytes, never more than a page.
+            let read = std::fs::read(sysfs).ok();
+            let text = read.as_deref().and_then(|b| std::str::from_utf8(b).ok());
+            kvm::missing_device(text)
+        }
+        other => other,
+    }
+}
+
 /// Probe the KVM device at `path` (normally [`kvm::KVM_DEVICE`]). Blocking (but only briefly).
 pub fn probe_kvm(path: &Path) -> KvmStatus {
     let (file, meta) = match open_device(path) {
@@ -112,17 +129,19 @@ pub fn probe_mshv(path: &Path) -> MshvStatus {
     }
 }
 
-/// Check KVM at `device` (normally [`kvm::KVM_DEVICE`]) now and then every `every` (`0`: only
-/// now) until `stop` turns true, publish the result through `telemetry`, and call `on_change`
-/// (the agent pushes an export) when it changes.
+/// Check KVM at `device` (normally [`kvm::KVM_DEVICE`], with the kernel's entry `sysfs` when it
+/// is absent: [`probe_kvm_node`]) now and then every `every` (`0`: only now) until `stop` turns
+/// true, publish the result through `telemetry`, and call `on_change` (the agent pushes an
+/// export) when it changes.
 pub async fn watch_kvm(
     device: PathBuf,
+    sysfs: PathBuf,
     telemetry: Arc<Telemetry>,
     on_change: impl Fn() + Send,
     every: Duration,
     stop: watch::Receiver<bool>,
 ) {
-    let probe = move || probe_kvm(&device);
+    let probe = move || probe_kvm_node(&device, &sysfs);
     watch_with(probe, KVM_PROBE_TIMEOUT, &telemetry, on_change, every, stop).await
 }
 

@@ -8,7 +8,7 @@
 //! [`EventLoop::release`], which waits for the thread with a bound, or by dropping it, which does
 //! not wait), so an error between acquiring and using the loop cannot leak a user.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,6 +19,26 @@ use std::time::{Duration, Instant};
 static WAKE_TIMER: OnceLock<i32> = OnceLock::new();
 
 static REGISTERED: OnceLock<Result<(), Failed>> = OnceLock::new();
+
+/// A libvirt timer that proves the loop thread still dispatches: disabled (-1) until a liveness
+/// check asks for it ([`enable_heartbeat`]: the HTTP health endpoint or the systemd watchdog),
+/// then it fires every [`HEARTBEAT_PERIOD`] on the loop thread and stamps [`LAST_BEAT`].
+static HEARTBEAT_TIMER: OnceLock<i32> = OnceLock::new();
+/// When the loop thread last ran the heartbeat timer, in milliseconds since [`EPOCH`].
+static LAST_BEAT: AtomicU64 = AtomicU64::new(0);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// How often the heartbeat timer fires once enabled.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(2);
+
+fn millis_since_epoch() -> u64 {
+    let epoch = EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn beat() {
+    LAST_BEAT.store(millis_since_epoch(), Ordering::Release);
+}
 
 /// A failed one-time registration, kept to report it to every later caller.
 #[derive(Clone, Debug)]
@@ -71,6 +91,9 @@ pub fn acquire() -> Result<EventLoop, EventLoopError> {
             virt::event::event_add_timeout(-1, |_, _| set_wake_timer(-1), std::ptr::null_mut())
                 .map_err(|e| Failed::Timer(e.to_string()))?;
         let _ = WAKE_TIMER.set(watch.0);
+        let heartbeat = virt::event::event_add_timeout(-1, |_, _| beat(), std::ptr::null_mut())
+            .map_err(|e| Failed::Timer(e.to_string()))?;
+        let _ = HEARTBEAT_TIMER.set(heartbeat.0);
         Ok(())
     });
     match registered {
@@ -101,6 +124,7 @@ pub fn acquire() -> Result<EventLoop, EventLoopError> {
 
 fn run(stop: Arc<AtomicBool>) {
     tracing::debug!("libvirt event loop started");
+    beat();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut last_error_log: Option<Instant> = None;
         while !stop.load(Ordering::Acquire) {
@@ -169,6 +193,26 @@ fn join_within(thread: JoinHandle<()>, deadline: Duration) -> bool {
     }
     let _ = thread.join();
     true
+}
+
+/// Make the loop thread stamp a heartbeat every [`HEARTBEAT_PERIOD`] (see [`is_alive`]). Once
+/// enabled it stays on for the process; only liveness checks need it.
+pub fn enable_heartbeat() {
+    if let Some(id) = HEARTBEAT_TIMER.get() {
+        let ms = i32::try_from(HEARTBEAT_PERIOD.as_millis()).unwrap_or(i32::MAX);
+        virt::event::EventTimeoutWatch(*id).event_update_timeout(ms);
+    }
+}
+
+/// Whether the loop thread is alive and, with the heartbeat enabled, has dispatched its timer
+/// within `stale` (a thread stuck inside a libvirt callback is alive but not dispatching).
+pub fn is_alive(stale: Duration) -> bool {
+    if !is_running() {
+        return false;
+    }
+    let last = LAST_BEAT.load(Ordering::Acquire);
+    let age = millis_since_epoch().saturating_sub(last);
+    u128::from(age) <= stale.as_millis()
 }
 
 /// Whether the loop thread is alive (for health reporting).

@@ -166,7 +166,14 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Result<Pki> {
+        Self::with_server_ips(&[])
+    }
+
+    /// Like [`Pki::new`], the server certificate also valid for `ips` (a collector that pods
+    /// reach at the host's bridge address).
+    pub fn with_server_ips(ips: &[&str]) -> Result<Pki> {
         let dir = tempfile::tempdir()?;
+        let extra: String = ips.iter().map(|ip| format!(",IP:{ip}")).collect();
         let out = Command::new("bash")
             .arg("-ec")
             .arg(
@@ -174,13 +181,14 @@ impl Pki {
                 ec() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "$@"; }
                 ec -x509 -keyout ca.key -out ca.pem -days 2 -subj /CN=vha-test-ca
                 ec -keyout server.key -out server.csr -subj /CN=localhost
-                printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+                printf 'subjectAltName=DNS:localhost,IP:127.0.0.1%s\nextendedKeyUsage=serverAuth\n' "$VHA_EXTRA_SANS" > server.ext
                 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
                 ec -keyout client.key -out client.csr -subj /CN=vha-agent
                 printf 'extendedKeyUsage=clientAuth\n' > client.ext
                 openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext
                 "#,
             )
+            .env("VHA_EXTRA_SANS", extra)
             .current_dir(dir.path())
             .output()
             .context("run openssl")?;
@@ -225,6 +233,8 @@ pub struct Collector {
     health: u16,
     telemetry: u16,
     remote_write: String,
+    /// Address the OTLP receivers listen on.
+    bind: String,
     _dir: tempfile::TempDir,
 }
 
@@ -306,6 +316,7 @@ impl Collector {
             health: free_port()?,
             telemetry: free_port()?,
             remote_write: remote_write.to_string(),
+            bind: "127.0.0.1".into(),
             _dir: dir,
         };
         c.restart()?;
@@ -320,11 +331,11 @@ impl Collector {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "OTELCOL_OTLP_GRPC_ENDPOINT",
-                format!("127.0.0.1:{}", self.grpc),
+                format!("{}:{}", self.bind, self.grpc),
             )
             .env(
                 "OTELCOL_OTLP_HTTP_ENDPOINT",
-                format!("127.0.0.1:{}", self.http),
+                format!("{}:{}", self.bind, self.http),
             )
             .env(
                 "OTELCOL_HEALTH_ENDPOINT",
@@ -341,6 +352,18 @@ impl Collector {
 
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+
+    /// Restart with the OTLP receivers listening on `bind` (e.g. `0.0.0.0`, so that pods reach
+    /// them through the host's bridge address), same ports.
+    pub fn listen_on(&mut self, bind: &str) -> Result<()> {
+        self.bind = bind.to_string();
+        self.restart()
+    }
+
+    /// The gRPC port of the OTLP receiver.
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc
     }
 
     pub fn pid(&self) -> Option<u32> {

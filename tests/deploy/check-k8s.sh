@@ -18,7 +18,8 @@ fail() { echo "check-k8s: FAIL: $*" >&2; exit 1; }
 
 bin=$(deploy_venv)
 
-for k in 1.25.0 1.37.0; do
+# recursiveReadOnly (the kubelet pods mount) is in the API from 1.30, on by default from 1.31.
+for k in 1.31.0 1.37.0; do
     "$bin/kubernetes-validate" --strict --quiet -k "$k" "$manifest" || fail "kubernetes-validate --strict -k $k"
     echo "check-k8s: kubernetes-validate --strict (Kubernetes $k): ok"
 done
@@ -51,7 +52,9 @@ ds = by_kind['DaemonSet'][0]
 pod = ds['spec']['template']['spec']
 need(pod.get('serviceAccountName') == by_kind['ServiceAccount'][0]['metadata']['name'], 'serviceAccountName must name the ServiceAccount')
 need(pod.get('automountServiceAccountToken') is False, 'no service account token (the agent never calls the API)')
-need(pod.get('nodeSelector') == {'kubevirt.io/schedulable': 'true'}, 'nodeSelector kubevirt.io/schedulable: "true"')
+# kubevirt.io/schedulable flips to "false" during KubeVirt upgrades while VMs run: never select on it.
+need('kubevirt.io/schedulable' not in yaml.safe_dump(pod.get('nodeSelector') or {}) + yaml.safe_dump(pod.get('affinity') or {}), 'no scheduling on kubevirt.io/schedulable (it flips during upgrades)')
+need(pod.get('priorityClassName') == 'system-node-critical', 'priorityClassName system-node-critical')
 need({'operator': 'Exists'} in (pod.get('tolerations') or []), 'a toleration {operator: Exists} (all nodes)')
 need(pod.get('hostNetwork') in (None, False) and pod.get('hostPID') in (None, False), 'no hostNetwork / hostPID')
 psc = pod.get('securityContext') or {}
@@ -71,12 +74,20 @@ need(set(caps.get('add') or []) <= {'DAC_OVERRIDE'}, 'capabilities.add at most D
 res = c.get('resources') or {}
 need('cpu' in (res.get('requests') or {}) and 'memory' in (res.get('requests') or {}), 'cpu and memory requests')
 need('memory' in (res.get('limits') or {}), 'a memory limit')
+need(not any(k.startswith('devices.kubevirt.io/') for part in ('requests', 'limits') for k in (res.get(part) or {})), 'no device request (nodes without KVM advertise none)')
+ports = {p.get('name'): p.get('containerPort') for p in c.get('ports') or []}
+for probe, url in (('livenessProbe', '/livez'), ('readinessProbe', '/readyz')):
+    hg = (c.get(probe) or {}).get('httpGet') or {}
+    need(hg.get('path') == url and hg.get('port') in ('health', ports.get('health')), f'{probe} httpGet {url} on the health port')
 
 env = {e['name']: e for e in c.get('env') or []}
 need((env.get('NODE_NAME') or {}).get('valueFrom', {}).get('fieldRef', {}).get('fieldPath') == 'spec.nodeName', 'NODE_NAME from spec.nodeName')
 need((env.get('VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED') or {}).get('value') == 'true', 'VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED=true')
-ep = (env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or {}).get('value', '')
-need(ep.startswith('http://') or ep.startswith('https://'), 'OTEL_EXPORTER_OTLP_ENDPOINT with a scheme')
+ep_ref = (env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or {}).get('valueFrom', {}).get('secretKeyRef') or {}
+need(ep_ref.get('key') == 'endpoint', 'OTEL_EXPORTER_OTLP_ENDPOINT from a Secret (secretKeyRef, key endpoint)')
+tls_dir = '/var/run/secrets/virt-hypervisor-agent/otlp'
+for var, f in (('CA_FILE', 'ca.crt'), ('CERT_FILE', 'tls.crt'), ('KEY_FILE', 'tls.key')):
+    need((env.get('VIRT_HYPERVISOR_AGENT_EXPORT__TLS__' + var) or {}).get('value') == f'{tls_dir}/{f}', f'VIRT_HYPERVISOR_AGENT_EXPORT__TLS__{var} = {tls_dir}/{f}')
 for name in env:
     need(name in ('NODE_NAME', 'RUST_LOG') or name.startswith('VIRT_HYPERVISOR_AGENT_') or name.startswith('OTEL_'), f'unexpected env {name}')
 
@@ -86,7 +97,9 @@ kp = mounts.get('/var/lib/kubelet/pods')
 need(kp is not None, 'mount /var/lib/kubelet/pods')
 if kp:
     need(kp.get('readOnly') is True, '/var/lib/kubelet/pods read-only')
-    need(kp.get('mountPropagation') == 'HostToContainer', '/var/lib/kubelet/pods mountPropagation HostToContainer')
+    # With propagation, readOnly is not recursive: other pods' secret volumes would be writable.
+    need(kp.get('mountPropagation', 'None') == 'None', '/var/lib/kubelet/pods mountPropagation None')
+    need(kp.get('recursiveReadOnly') == 'Enabled', '/var/lib/kubelet/pods recursiveReadOnly Enabled')
     need((vols.get(kp['name']) or {}).get('hostPath', {}).get('path') == '/var/lib/kubelet/pods', 'kubelet-pods volume is hostPath /var/lib/kubelet/pods')
 for m in mounts.values():
     need(m.get('readOnly') is True, f"mount {m['mountPath']} must be read-only")
@@ -95,6 +108,8 @@ for v in vols.values():
     hp = v.get('hostPath')
     if hp:
         need(hp['path'] in ('/var/lib/kubelet/pods', '/etc/machine-id'), f"unexpected hostPath {hp['path']}")
+tm = mounts.get(tls_dir)
+need(tm is not None and (vols.get(tm['name']) or {}).get('secret', {}).get('secretName') == ep_ref.get('name'), f'the endpoint Secret mounted at {tls_dir}')
 cfg_mount = mounts.get('/etc/virt-hypervisor-agent')
 need(cfg_mount is not None and 'configMap' in vols.get(cfg_mount['name'], {}), 'ConfigMap mounted at /etc/virt-hypervisor-agent')
 
@@ -104,10 +119,19 @@ cfg = yaml.safe_load(cm['data']['config.yaml'])
 lv = cfg.get('libvirt') or {}
 need(lv.get('uris') == [], 'config: libvirt.uris: [] (discovery only)')
 need((lv.get('discover') or {}).get('enabled') is True, 'config: libvirt.discover.enabled: true')
+need(((cfg.get('health') or {}).get('listen') or '').endswith(f":{ports.get('health')}"), 'config: health.listen on the health containerPort')
 open(f'{tmp}/config.yaml', 'w').write(cm['data']['config.yaml'])
+# check-config below: the Secret's values and files as stand-ins (it only opens the TLS files).
+stand_in = {'NODE_NAME': 'node-from-downward-api', 'OTEL_EXPORTER_OTLP_ENDPOINT': 'https://otel-collector.example:4317'}
 with open(f'{tmp}/env', 'w') as f:
     for name, e in env.items():
-        f.write(f"{name}={e.get('value', 'node-from-downward-api')}\n")
+        value = e.get('value', stand_in.get(name))
+        if value is None:
+            continue
+        if value.startswith(tls_dir + '/'):
+            value = f'{tmp}/' + value.rsplit('/', 1)[1]
+            open(value, 'w').close()
+        f.write(f"{name}={value}\n")
 
 if errs:
     print('\n'.join(f'{path}: {e}' for e in errs), file=sys.stderr)
