@@ -55,9 +55,9 @@ refused() { # refused WHAT WANT ARGS...: the render must fail and its error cont
 }
 refused "a misspelled top-level value (imagee)" "imagee" --set imagee.tag=x
 refused "a misspelled nested value (export.tls.enabeld)" "enabeld" --set export.tls.enabeld=true
-refused "a port that is not a number" "health.port" --set health.port=http
-refused "a pull policy Kubernetes does not know" "pullPolicy" --set image.pullPolicy=Sometimes
-refused "a digest that is not sha256" "digest" --set image.digest=latest
+refused "a port that is not a number" "/health/port" --set health.port=http
+refused "a pull policy Kubernetes does not know" "/image/pullPolicy" --set image.pullPolicy=Sometimes
+refused "a digest that is not sha256" "/image/digest" --set image.digest=latest
 refused "a kubelet root the config does not use" "kubelet_root" --set kubeletRoot=/var/lib/k0s/kubelet
 refused "a health port the agent does not listen on" "health.listen" --set health.port=9000
 
@@ -118,6 +118,9 @@ with open(sys.argv[2] + "/env", "w") as f:
         value = e.get("value")
         if value is None:  # from the downward API or a Secret: a stand-in of the right shape
             value = {"NODE_NAME": "node-1", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel.example:4317"}.get(e["name"], "")
+        if value.startswith("/var/run/secrets/"):  # the Secret's files: empty stand-ins
+            value = sys.argv[2] + "/" + value.rsplit("/", 1)[1]
+            open(value, "w").close()
         if value != "":
             f.write(f"{e['name']}={value}\n")
 PY

@@ -82,7 +82,8 @@ for probe, url in (('livenessProbe', '/livez'), ('readinessProbe', '/readyz')):
 
 env = {e['name']: e for e in c.get('env') or []}
 need((env.get('NODE_NAME') or {}).get('valueFrom', {}).get('fieldRef', {}).get('fieldPath') == 'spec.nodeName', 'NODE_NAME from spec.nodeName')
-need((env.get('VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED') or {}).get('value') == 'true', 'VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED=true')
+# Discovery is on in the ConfigMap's config (checked below); no variable may turn it off.
+need((env.get('VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED') or {'value': 'true'}).get('value') == 'true', 'no VIRT_HYPERVISOR_AGENT_LIBVIRT__DISCOVER__ENABLED other than true')
 ep_ref = (env.get('OTEL_EXPORTER_OTLP_ENDPOINT') or {}).get('valueFrom', {}).get('secretKeyRef') or {}
 need(ep_ref.get('key') == 'endpoint', 'OTEL_EXPORTER_OTLP_ENDPOINT from a Secret (secretKeyRef, key endpoint)')
 tls_dir = '/var/run/secrets/virt-hypervisor-agent/otlp'

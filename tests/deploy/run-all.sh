@@ -3,7 +3,7 @@
 #   tests/deploy/run-all.sh               all checks
 #   tests/deploy/run-all.sh check-podman  only the named ones
 # Static checks of the files (no root needed):
-#   check-systemd check-prometheus check-k8s check-container
+#   check-systemd check-prometheus check-k8s check-helm check-container
 # The artefacts built and run for real (root; see each script's header):
 #   check-package  the .deb (scripts/package.sh, cargo-deb)
 #   check-nspawn   the .deb installed and driven under systemd as PID 1 in systemd-nspawn
@@ -14,7 +14,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-checks=(check-systemd check-prometheus check-k8s check-container check-package check-nspawn check-podman)
+checks=(check-systemd check-prometheus check-k8s check-helm check-container check-package check-nspawn check-podman)
 (($# > 0)) && checks=("$@")
 passed=0 failed=0 failed_names=() times=()
 for c in "${checks[@]}"; do
