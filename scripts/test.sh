@@ -80,9 +80,16 @@ build_k8s() {
     VHA_K8S_BIN=$(nice -n 10 bash scripts/build-k8s.sh)
     export VHA_K8S_BIN
 }
+# Helm, for the chart's checks (tests/deploy/check-helm.sh) and its install, upgrade and uninstall
+# on the test cluster (tests/e2e_k8s.rs): built from the Go module proxy, cached.
+build_helm() {
+    VHA_HELM_BIN=$(nice -n 10 bash scripts/build-helm.sh)
+    export VHA_HELM_BIN
+}
 step "collector: ocb build (cached) + validate otel/collector.yaml" build_collector
 step "Prometheus 3: build from the Go module proxy (cached)" build_prometheus3
 step "Kubernetes: build (cached)" build_k8s
+step "Helm: build from the Go module proxy (cached)" build_helm
 
 step "dependencies build with rust-version (scripts/check-msrv.sh)" bash scripts/check-msrv.sh
 step "cargo fmt --check" cargo fmt --all --check

@@ -27,7 +27,12 @@
 //!  * (d) admitted with `system-node-critical` priority;
 //!  * (e) a write from the agent container's mount namespace into another pod's Secret volume is
 //!    refused;
-//!  * (f) the endpoint comes from the Secret, and the series arrive over mTLS.
+//!  * (f) the endpoint comes from the Secret, and the series arrive over mTLS;
+//!  * the Helm chart (`deploy/helm/virt-hypervisor-agent`, Helm from `$VHA_HELM_BIN` or
+//!    scripts/build-helm.sh): the manifest's objects removed, `helm install` (series in PromQL,
+//!    with a first optional label turned on), `helm upgrade` with a changed config value (the pod
+//!    rolls, the new label is in PromQL), `helm uninstall` (no release, no DaemonSet, no pod, and
+//!    the heartbeat sends nothing more).
 //!
 //! Needs root and the cluster binaries; skipped with a reason without them, unless
 //! `VHA_E2E_REQUIRED=1` (CI), which makes a missing piece a failure.
@@ -401,6 +406,22 @@ spec:
     - {{name: libvirt-runtime, emptyDir: {{}}}}{secret_vol}
 "#
     )
+}
+
+/// Helm: `$VHA_HELM_BIN`, else scripts/build-helm.sh (cached; prints the path).
+fn helm_bin() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("VHA_HELM_BIN").filter(|b| !b.is_empty()) {
+        return Ok(PathBuf::from(bin));
+    }
+    let out = Command::new("bash")
+        .arg(format!("{ROOT}/scripts/build-helm.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("scripts/build-helm.sh: {e}"))?;
+    if !out.status.success() {
+        return Err("scripts/build-helm.sh failed".into());
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// What the kernel of this node says about KVM (the agent's DaemonSet decision, src/node/).
@@ -850,6 +871,167 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
         "a: agent also runs on a node with devices.kubevirt.io/kvm",
         a2,
     );
+
+    // The Helm chart (deploy/helm/virt-hypervisor-agent), the way operators install it: the plain
+    // manifest's objects removed, then the chart installed, upgraded with a changed value and
+    // uninstalled, judged in PromQL after each. Each step turns on one more optional label, so its
+    // series are told apart from the previous agent's (which linger for the lookback: an agent that
+    // stops sends no staleness markers, its VMs still run).
+    let helm = helm_bin();
+    let release = |args: &[&str]| -> Result<String> {
+        let helm = helm.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = Command::new(helm)
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run helm")?;
+        if !out.status.success() {
+            bail!(
+                "helm {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let chart = format!("{ROOT}/deploy/helm/virt-hypervisor-agent");
+    let (repo, tag) = IMAGE.rsplit_once(':').unwrap();
+    let vm = |label: &str| {
+        format!("kubevirt_vmi_hypervisor_info{{namespace=\"{VM_NS}\",name=\"vm-session\",{label}!=\"\"}}")
+    };
+    let install = (|| -> Result<String> {
+        cluster.kubectl(&[
+            "-n",
+            AGENT_NS,
+            "delete",
+            "daemonset,configmap,serviceaccount",
+            "virt-hypervisor-agent",
+            "--wait=true",
+        ])?;
+        let t = Instant::now();
+        while !cluster.agent_pods()?.is_empty() {
+            if t.elapsed() > SCHEDULE_BOUND {
+                bail!("the manifest's agent pods still run {SCHEDULE_BOUND:?} after deleting them");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let t = Instant::now();
+        release(&[
+            "install",
+            "vha",
+            &chart,
+            "-n",
+            AGENT_NS,
+            "--set",
+            "namespace.create=false",
+            "--set",
+            &format!("image.repository={repo}"),
+            "--set",
+            &format!("image.tag={tag}"),
+            "--set",
+            "config.metric.attributes.uuid=true",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])?;
+        let installed = t.elapsed();
+        let (pod, _) = cluster.wait_agent_ready(SCHEDULE_BOUND)?;
+        let took = prom.wait_for(&vm("uuid"), t, SERIES_BOUND, |s| {
+            s.len() == 1
+                && s[0].label("node") == Some(node.as_str())
+                && s[0].label("pod_uid").is_some()
+        })?;
+        Ok(format!(
+            "helm install --wait {installed:.1?}; agent pod {} ready; {} in PromQL {took:.1?} after install",
+            pod["metadata"]["name"], vm("uuid")
+        ))
+    })();
+    report.check("helm: install, series in PromQL", install);
+    let upgrade = (|| -> Result<String> {
+        let before: Vec<Value> = cluster.agent_pods()?;
+        let t = Instant::now();
+        release(&[
+            "upgrade",
+            "vha",
+            &chart,
+            "-n",
+            AGENT_NS,
+            "--reuse-values",
+            "--set",
+            "config.metric.attributes.domain=true",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])?;
+        let took = prom.wait_for(&vm("domain"), t, SERIES_BOUND, |s| {
+            s.len() == 1 && s[0].label("domain") == Some(&format!("{VM_NS}_vm-session")[..])
+        })?;
+        let after = cluster.agent_pods()?;
+        let rolled = after.iter().all(|p| {
+            !before
+                .iter()
+                .any(|b| b["metadata"]["uid"] == p["metadata"]["uid"])
+        });
+        if !rolled {
+            bail!("the changed config did not roll the agent pod");
+        }
+        Ok(format!(
+            "helm upgrade with a changed config value rolled the pod; {} in PromQL {took:.1?} after the upgrade",
+            vm("domain")
+        ))
+    })();
+    report.check("helm: upgrade, the changed value in PromQL", upgrade);
+    let uninstall = (|| -> Result<String> {
+        release(&[
+            "uninstall",
+            "vha",
+            "-n",
+            AGENT_NS,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])?;
+        let t = Instant::now();
+        while !cluster.agent_pods()?.is_empty() {
+            if t.elapsed() > SCHEDULE_BOUND {
+                bail!("agent pods still run {SCHEDULE_BOUND:?} after helm uninstall");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // The agent's last export (its shutdown flush) may still be on its way through the
+        // collector's batch: let it land, then the heartbeat's last sample must stay the last.
+        std::thread::sleep(Duration::from_secs(5));
+        let q = format!("timestamp(virt_hypervisor_agent_node_kvm_available{{node=\"{node}\"}})");
+        let last = |what: &str| -> Result<f64> {
+            let r = prom.query(&q)?;
+            r.iter()
+                .map(|s| s.value)
+                .reduce(f64::max)
+                .with_context(|| format!("no heartbeat sample {what}"))
+        };
+        let settled = last("after the uninstall")?;
+        // Longer than an export interval (30 s): a running agent would have sent a new sample.
+        std::thread::sleep(Duration::from_secs(40));
+        let later = last("40 s later")?;
+        if later > settled {
+            bail!(
+                "a new heartbeat sample {:.1} s after the uninstall settled",
+                later - settled
+            );
+        }
+        let left = release(&["list", "-n", AGENT_NS, "-q"])?;
+        if !left.trim().is_empty() {
+            bail!("helm list still shows {left}");
+        }
+        let ds = cluster.kubectl(&["-n", AGENT_NS, "get", "daemonset", "-o", "name"])?;
+        if !ds.trim().is_empty() {
+            bail!("a DaemonSet is left: {ds}");
+        }
+        Ok("helm uninstall --wait: no release, no DaemonSet, no agent pod; the heartbeat sent nothing for 40 s after".to_string())
+    })();
+    report.check("helm: uninstall, the agent stops reporting", uninstall);
 
     col.check_running().unwrap();
     println!("\n{}", report.lines.join("\n"));

@@ -21,7 +21,7 @@ manifest=deploy/kubernetes/daemonset.yaml
 fail() { echo "check-helm: FAIL: $*" >&2; exit 1; }
 ok() { echo "check-helm: $*"; }
 
-helm=$(bash scripts/build-helm.sh) || fail "building helm"
+helm=${VHA_HELM_BIN:-$(bash scripts/build-helm.sh)} || fail "building helm"
 bin=$(deploy_venv)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
