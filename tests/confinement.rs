@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::receiver::Receiver;
+use common::receiver::{Receiver, Series};
 use common::{wait_until, Agent};
 use virt_hypervisor_agent::config::AgentConfig;
 use virt_hypervisor_agent::confine::{self, Plan};
@@ -181,10 +181,13 @@ fn a_confined_agent_cannot_read_other_pods_secrets_write_files_or_connect_elsewh
     );
 }
 
-#[test]
-fn the_running_agent_reports_full_confinement() {
+/// Run the agent on the test driver through `wrapper` (empty: directly) until it has exported
+/// its Landlock status and a VM, plus `settle`; its `virt_hypervisor_agent_landlock` series and
+/// everything it logged.
+fn run_until_landlock_reported(wrapper: &[&str], settle: Duration) -> (Vec<Series>, String) {
     let rx = Receiver::start().expect("receiver");
-    let mut agent = Agent::spawn(
+    let mut agent = Agent::spawn_wrapped(
+        wrapper,
         &["run"],
         &[
             ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", "test:///default"),
@@ -204,6 +207,7 @@ fn the_running_agent_reports_full_confinement() {
                 .latest_series("kubevirt_vmi_hypervisor_info")
                 .is_some_and(|s| !s.is_empty())
     });
+    std::thread::sleep(settle);
     agent
         .terminate(Duration::from_secs(10))
         .expect("the agent stops");
@@ -212,6 +216,12 @@ fn the_running_agent_reports_full_confinement() {
     let series = rx
         .latest_series("virt_hypervisor_agent_landlock")
         .unwrap_or_default();
+    (series, log)
+}
+
+#[test]
+fn the_running_agent_reports_full_confinement() {
+    let (series, log) = run_until_landlock_reported(&[], Duration::ZERO);
     assert_eq!(series.len(), 1, "{series:?}");
     assert_eq!(series[0].attr("status"), Some("full"), "{log}");
     assert!(log.contains("confined with Landlock"), "{log}");
@@ -242,38 +252,11 @@ fn without_landlock_the_agent_warns_once_says_so_and_keeps_working() {
         eprintln!("skipped: /usr/bin/python3 cannot import seccomp (Debian python3-seccomp)");
         return;
     }
-    let rx = Receiver::start().expect("receiver");
-    let mut agent = Agent::spawn_wrapped(
+    // A few more exports after the first: the warning is not repeated.
+    let (series, log) = run_until_landlock_reported(
         &["/usr/bin/python3", "-c", NO_LANDLOCK],
-        &["run"],
-        &[
-            ("VIRT_HYPERVISOR_AGENT_LIBVIRT__URIS", "test:///default"),
-            (
-                "VIRT_HYPERVISOR_AGENT_EXPORT__ENDPOINT",
-                &rx.grpc_endpoint(),
-            ),
-            ("VIRT_HYPERVISOR_AGENT_EXPORT__INTERVAL", "1s"),
-            ("RUST_LOG", "info"),
-        ],
-    )
-    .expect("spawn the agent");
-    let seen = wait_until(Duration::from_secs(20), || {
-        rx.latest_series("virt_hypervisor_agent_landlock")
-            .is_some_and(|s| !s.is_empty())
-            && rx
-                .latest_series("kubevirt_vmi_hypervisor_info")
-                .is_some_and(|s| !s.is_empty())
-    });
-    // A few more exports: the warning is not repeated.
-    std::thread::sleep(Duration::from_secs(2));
-    agent
-        .terminate(Duration::from_secs(10))
-        .expect("the agent stops");
-    let log = agent.log();
-    assert!(seen.is_ok(), "no landlock series or no VM:\n{log}");
-    let series = rx
-        .latest_series("virt_hypervisor_agent_landlock")
-        .unwrap_or_default();
+        Duration::from_secs(2),
+    );
     assert_eq!(series.len(), 1, "{series:?}");
     assert_eq!(series[0].attr("status"), Some("none"), "{log}");
     assert_eq!(
