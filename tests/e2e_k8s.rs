@@ -253,6 +253,18 @@ impl Cluster {
         }
     }
 
+    /// Wait until no agent pod is left (after `what` removed them).
+    fn wait_no_agent_pods(&self, timeout: Duration, what: &str) -> Result<()> {
+        let t = Instant::now();
+        while !self.agent_pods()?.is_empty() {
+            if t.elapsed() > timeout {
+                bail!("agent pods still run {timeout:?} after {what}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
     fn wait_pod_ready(&self, ns: &str, name: &str, timeout: Duration) -> Result<Value> {
         let t = Instant::now();
         loop {
@@ -910,13 +922,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
             "virt-hypervisor-agent",
             "--wait=true",
         ])?;
-        let t = Instant::now();
-        while !cluster.agent_pods()?.is_empty() {
-            if t.elapsed() > SCHEDULE_BOUND {
-                bail!("the manifest's agent pods still run {SCHEDULE_BOUND:?} after deleting them");
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        cluster.wait_no_agent_pods(SCHEDULE_BOUND, "deleting the manifest's objects")?;
         let t = Instant::now();
         release(&[
             "install",
@@ -993,13 +999,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
             "--timeout",
             "120s",
         ])?;
-        let t = Instant::now();
-        while !cluster.agent_pods()?.is_empty() {
-            if t.elapsed() > SCHEDULE_BOUND {
-                bail!("agent pods still run {SCHEDULE_BOUND:?} after helm uninstall");
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        cluster.wait_no_agent_pods(SCHEDULE_BOUND, "helm uninstall")?;
         // The agent's last export (its shutdown flush) may still be on its way through the
         // collector's batch: let it land, then the heartbeat's last sample must stay the last.
         std::thread::sleep(Duration::from_secs(5));
