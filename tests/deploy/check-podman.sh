@@ -212,9 +212,15 @@ with open(sys.argv[3], 'w') as f:
             value = sys.argv[5]
         elif name == 'OTEL_EXPORTER_OTLP_ENDPOINT':
             value = f'http://127.0.0.1:{sys.argv[4]}'
+        elif name.startswith('VIRT_HYPERVISOR_AGENT_EXPORT__TLS__') or 'valueFrom' in e:
+            # The receiver here is plain OTLP on loopback: no TLS files, no Secret's headers (the
+            # mTLS path with the Secret is tests/e2e_k8s.rs's).
+            continue
         else:
             value = e['value']
         f.write(f'{name}={value}\n')
+    # The health endpoint on a port of this test (the container shares the host's network).
+    f.write(f'VIRT_HYPERVISOR_AGENT_HEALTH__LISTEN=127.0.0.1:{int(sys.argv[4]) + 2}\n')
     # Long: an export seen during `podman stop` is then the final flush; changes are pushed anyway.
     f.write('OTEL_METRIC_EXPORT_INTERVAL=60000\n')
 sc = c['securityContext']
