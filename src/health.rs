@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tasks::{drain_by, StopSignal};
 use http::{Method, Request, Response, StatusCode};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::source::event_loop;
@@ -104,7 +104,7 @@ pub fn loops_alive() -> bool {
 }
 
 /// Stamp `health` every [`BEAT_PERIOD`] while [`loops_alive`], until `stop` turns true.
-pub async fn heartbeat(health: Arc<Health>, mut stop: watch::Receiver<bool>) {
+pub async fn heartbeat(health: Arc<Health>, mut stop: StopSignal) {
     event_loop::enable_heartbeat();
     let mut tick = tokio::time::interval(BEAT_PERIOD);
     loop {
@@ -114,7 +114,7 @@ pub async fn heartbeat(health: Arc<Health>, mut stop: watch::Receiver<bool>) {
                     health.beat();
                 }
             }
-            _ = stop.changed() => return,
+            _ = stop.stopped() => return,
         }
     }
 }
@@ -148,7 +148,7 @@ pub fn respond<B>(health: &Health, req: &Request<B>) -> Response<String> {
 }
 
 /// Serve `listener` until `stop` turns true; then close every open connection.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: StopSignal) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -181,11 +181,10 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: watch::
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stop.changed() => break,
+            _ = stop.stopped() => break,
         }
     }
-    conns.abort_all();
-    while conns.join_next().await.is_some() {}
+    drain_by(&mut conns, std::time::Instant::now()).await;
 }
 
 #[cfg(test)]

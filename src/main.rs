@@ -4,14 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
 use virt_hypervisor_agent::agent;
 use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions};
-use virt_hypervisor_agent::export::points::{Fate, InfoPoints};
-use virt_hypervisor_agent::export::Telemetry;
 use virt_hypervisor_agent::logging::{self, escape_control as esc};
 
 #[derive(Debug, Parser)]
@@ -314,126 +311,38 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
         }
     };
     let node = agent::resolve_node_name(cfg);
-    let result = rt.block_on(agent::inventory_once(cfg));
+    let result = rt.block_on(agent::once::inventory_once(cfg));
     rt.shutdown_background();
-    let agent::InventoryOnce {
-        snapshot: snap,
-        labels,
-        failures,
-    } = match result {
+    let found = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {}", esc(&error_chain(&e)));
             return ExitCode::FAILURE;
         }
     };
-    for (uri, err) in &failures {
+    for (uri, err) in &found.failures {
         eprintln!("warning: {}: {}", esc(uri), esc(err));
     }
-    // What the gauge would make of these domains: shared attribute sets and the cardinality
-    // limit (hypervisor_version is not known here, so with that attribute on, domains that differ
-    // only in it are shown as sharing a series).
-    let conns = Telemetry::new();
-    for (i, uri) in cfg.libvirt.uris.iter().enumerate() {
-        conns.add_connection(i as u64 + 1, uri, None, None);
-    }
-    let mut points = InfoPoints::new(&node, cfg.metric.attributes.clone())
-        .with_cardinality_limit(cfg.metric.cardinality_limit)
-        .without_logging();
-    points
-        .refresh(Arc::clone(&snap), conns.connection_meta())
-        .for_each(drop);
-    let fates = points.fates();
-    let stats = points.stats();
-    let mut out = String::new();
-    if json {
-        let rows: Vec<serde_json::Value> = snap
-            .domains
-            .iter()
-            .zip(&fates)
-            .map(|(d, fate)| {
-                serde_json::json!({
-                    "namespace": d.identity.namespace,
-                    "name": d.identity.name,
-                    "node": node,
-                    "hypervisor_type": d.hypervisor_type.as_str(),
-                    "domain": d.domain_name,
-                    "uuid": d.uuid,
-                    "id": d.id,
-                    "uri": labels.get(&d.conn),
-                    "series": match fate {
-                        Fate::Exported => "own",
-                        Fate::Shared => "shared",
-                        Fate::OverLimit => "over_limit",
-                        Fate::OverConnectionLimit => "over_connection_limit",
-                    },
-                })
-            })
-            .collect();
-        match serde_json::to_string_pretty(&rows) {
-            Ok(s) => out = s + "\n",
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+    let rendered = match found.render(cfg, &node, json) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
         }
-    } else {
-        out += &format!(
-            "{:<20} {:<32} {:<16} {:<10} DOMAIN\n",
-            "NAMESPACE", "NAME", "NODE", "HYPERVISOR"
-        );
-        for (d, fate) in snap.domains.iter().zip(&fates) {
-            // Names come from whoever defined the domain: one row is always one line.
-            out += &format!(
-                "{:<20} {:<32} {:<16} {:<10} {}{}\n",
-                esc(d.identity.namespace.as_deref().unwrap_or("-")),
-                esc(&d.identity.name),
-                esc(&node),
-                d.hypervisor_type.as_str(),
-                esc(&d.domain_name),
-                match fate {
-                    Fate::Exported => "",
-                    Fate::Shared => "  (same series as a domain above)",
-                    Fate::OverLimit => "  (over metric.cardinality_limit: not exported)",
-                    Fate::OverConnectionLimit => {
-                        "  (over libvirt.discover.max_domains_per_socket: not exported)"
-                    }
-                }
-            );
-        }
-        out += &format!(
-            "{} active domain(s), {} series{}\n",
-            stats.domains,
-            stats.sets,
-            if stats.over_limit > 0 {
-                format!(" ({} beyond metric.cardinality_limit)", stats.over_limit)
-            } else {
-                String::new()
-            }
-        );
+    };
+    for w in &rendered.warnings {
+        eprintln!("warning: {w}");
     }
-    if stats.collisions > 0 {
-        eprintln!(
-            "warning: {} domain(s) share an attribute set with another domain and are exported as one series; \
-             enable metric.attributes.uuid or pod_uid to tell them apart",
-            stats.collisions
-        );
-    }
-    if stats.over_limit > 0 {
-        eprintln!(
-            "warning: {} of {} attribute sets are beyond metric.cardinality_limit ({}): \
-             they would be exported only as one otel.metric.overflow=true point",
-            stats.over_limit, stats.sets, cfg.metric.cardinality_limit
-        );
-    }
-    if let Err(e) = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+    if let Err(e) =
+        std::io::Write::write_all(&mut std::io::stdout().lock(), rendered.out.as_bytes())
+    {
         // A reader that stopped early (`inventory | head`) is not an error.
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             eprintln!("error: writing the inventory: {e}");
             return ExitCode::FAILURE;
         }
     }
-    if failures.len() == cfg.libvirt.uris.len() && !failures.is_empty() {
+    if found.failures.len() == cfg.libvirt.uris.len() && !found.failures.is_empty() {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -44,14 +44,12 @@ impl Running {
     }
 
     fn up(&self) -> bool {
-        self.0.telemetry.connection_meta().values().all(|m| m.up)
+        self.0.store.connections().values().all(|m| m.up)
     }
 
     fn has_domain(&self, name: &str) -> bool {
         self.0
-            .inventory
-            .lock()
-            .unwrap()
+            .store
             .snapshot()
             .domains
             .iter()
@@ -59,13 +57,14 @@ impl Running {
     }
 
     fn domains(&self) -> usize {
-        self.0.inventory.lock().unwrap().snapshot().domains.len()
+        self.0.store.snapshot().domains.len()
     }
 
     /// (resyncs in progress, tombstones).
     fn bookkeeping(&self) -> (usize, usize) {
-        let inv = self.0.inventory.lock().unwrap();
-        (inv.resyncs_in_progress(), inv.tombstones())
+        self.0
+            .store
+            .inspect(|inv| (inv.resyncs_in_progress(), inv.tombstones()))
     }
 }
 
@@ -169,7 +168,7 @@ fn a_removed_hung_connection_closes_off_the_worker() {
     cfg.libvirt.discover.socket_owners = vec![common::session::ensure_user().unwrap().0];
     cfg.export.shutdown_timeout = Duration::from_secs(2);
     let agent = Running::start(cfg);
-    let conns = || agent.0.telemetry.connection_meta().len();
+    let conns = || agent.0.store.connections().len();
     wait_until(Duration::from_secs(30), || {
         conns() == 2 && agent.up() && agent.domains() == 1
     })
@@ -244,7 +243,7 @@ fn a_hung_version_read_is_bounded() {
         "the version read finished within 150 ms of the connection: the daemon was frozen too late to test anything"
     );
 
-    let meta = || agent.0.telemetry.connection_meta();
+    let meta = || agent.0.store.connections();
     let came_up = wait_until(Duration::from_secs(10), || {
         meta()
             .values()

@@ -7,14 +7,15 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::in_process::InProcess;
 use virt::connect::Connect;
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind};
 use virt_hypervisor_agent::domain::HypervisorType;
-use virt_hypervisor_agent::inventory::{DomainRecord, Inventory};
+use virt_hypervisor_agent::inventory::DomainRecord;
+use virt_hypervisor_agent::state::Store;
 
 const URI: &str = "test:///default";
 
@@ -28,8 +29,8 @@ fn domain_xml(name: &str, uuid: &str, kind: &str, kubevirt_uid: Option<&str>) ->
     )
 }
 
-fn find(inv: &Arc<Mutex<Inventory>>, domain_name: &str) -> Option<Arc<DomainRecord>> {
-    let snap = inv.lock().unwrap().snapshot();
+fn find(inv: &Store, domain_name: &str) -> Option<Arc<DomainRecord>> {
+    let snap = inv.snapshot();
     snap.domains
         .iter()
         .find(|d| d.domain_name == domain_name)
@@ -76,7 +77,7 @@ fn controller() -> Connect {
 #[test]
 fn inventory_follows_every_transition_of_the_test_driver() {
     let agent = start_agent(Duration::from_secs(300));
-    let inv = &agent.inventory;
+    let inv = &agent.store;
     // The test driver's built-in running domain is found by the initial sync.
     wait_until(
         "initial sync lists the built-in 'test' domain",
@@ -138,7 +139,7 @@ fn inventory_follows_every_transition_of_the_test_driver() {
 #[test]
 fn kubevirt_and_kvm_domains_are_classified_and_split() {
     let agent = start_agent(Duration::from_secs(300));
-    let inv = &agent.inventory;
+    let inv = &agent.store;
     let conn = controller();
     let (suffix, uuid) = unique("vmi");
     let name = format!("team-a_{suffix}");
@@ -165,7 +166,7 @@ fn kubevirt_and_kvm_domains_are_classified_and_split() {
 #[test]
 fn a_hyperv_direct_vmi_is_mshv_and_a_restart_under_emulation_is_qemu_tcg() {
     let agent = start_agent(Duration::from_secs(300));
-    let inv = &agent.inventory;
+    let inv = &agent.store;
     let conn = controller();
     let (suffix, uuid) = unique("mshv");
     let name = format!("win-apps_{suffix}");
@@ -208,10 +209,10 @@ fn domains_running_before_the_agent_starts_are_found_by_the_initial_sync() {
     dom.create().unwrap();
     let agent = start_agent(Duration::from_secs(300));
     wait_until("pre-existing domain found", Duration::from_secs(10), || {
-        find(&agent.inventory, &name).is_some()
+        find(&agent.store, &name).is_some()
     });
     assert_eq!(
-        find(&agent.inventory, &name).unwrap().hypervisor_type,
+        find(&agent.store, &name).unwrap().hypervisor_type,
         HypervisorType::Kvm
     );
     dom.destroy().unwrap();
@@ -221,7 +222,7 @@ fn domains_running_before_the_agent_starts_are_found_by_the_initial_sync() {
 #[test]
 fn rapid_start_stop_bursts_leave_no_phantom() {
     let agent = start_agent(Duration::from_secs(300));
-    let inv = &agent.inventory;
+    let inv = &agent.store;
     let conn = controller();
     let mut doms = Vec::new();
     for _ in 0..10 {
@@ -276,7 +277,7 @@ fn a_full_event_backlog_is_counted_and_healed_by_a_resync() {
     cfg.export.exporter = ExporterKind::None;
     cfg.node_name = "overflow-node".into();
     let agent = InProcess::start(cfg);
-    let inv = &agent.inventory;
+    let inv = &agent.store;
     wait_until("initial sync", Duration::from_secs(10), || {
         find(inv, "test").is_some()
     });
@@ -293,8 +294,8 @@ fn a_full_event_backlog_is_counted_and_healed_by_a_resync() {
         .collect();
     let dropped = || -> u64 {
         agent
-            .telemetry
-            .connection_meta()
+            .store
+            .connections()
             .values()
             .map(|m| m.dropped_events)
             .sum()

@@ -27,8 +27,9 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use virt_hypervisor_agent::config::{AgentConfig, ExporterKind, OptionalAttributes, Protocol};
 use virt_hypervisor_agent::domain::{DomainFacts, HypervisorType};
-use virt_hypervisor_agent::export::{self, Exporter, Telemetry};
-use virt_hypervisor_agent::inventory::{ConnId, DomainRef, FetchOutcome, Inventory, Lifecycle};
+use virt_hypervisor_agent::export::{self, Exporter};
+use virt_hypervisor_agent::inventory::{ConnId, DomainRef, FetchOutcome, Lifecycle};
+use virt_hypervisor_agent::state::Owner;
 
 use crate::util::{self, median, percentile};
 
@@ -76,7 +77,7 @@ fn conn_of(i: usize, conns: usize) -> ConnId {
 }
 
 /// Register `conns` discovered connections, as KubeVirt discovery would.
-fn fill_telemetry(tel: &Telemetry, conns: usize) {
+fn fill_telemetry(tel: &Owner, conns: usize) {
     for c in 0..conns.max(1) {
         let id = c as ConnId + 1;
         let pod = format!("{:08x}-1111-4222-8333-{:012x}", c, c);
@@ -85,36 +86,36 @@ fn fill_telemetry(tel: &Telemetry, conns: usize) {
         ));
         let (label, _) = virt_hypervisor_agent::discovery::paths::socket_uris(&path);
         let uid = virt_hypervisor_agent::discovery::paths::pod_uid(&path);
-        tel.add_connection(id, &label, uid, None);
+        tel.add(id, &label, uid, None);
         tel.set_up(id, true, Some("9.0.0".to_string()));
         tel.set_last_sync(id, Duration::from_millis(3));
-        tel.count_event(Lifecycle::Started);
+        tel.telemetry().count_event(Lifecycle::Started);
     }
 }
 
-/// Start and fetch domains `range` through the inventory API. Returns ns per domain.
-fn populate(inv: &mut Inventory, range: std::ops::Range<usize>, conns: usize) -> f64 {
+/// Start and fetch domains `range` through the state's owner, as the connection tasks do (their
+/// connections registered by [`fill_telemetry`]). Returns ns per domain.
+fn populate(inv: &Owner, range: std::ops::Range<usize>, conns: usize) -> f64 {
     let n = range.len().max(1);
     let t = Instant::now();
     for i in range {
         let (dom, facts) = synthetic(i);
         let conn = conn_of(i, conns);
-        inv.add_connection(conn);
-        if let Some(req) = inv.apply_event(conn, dom, Lifecycle::Started) {
-            inv.apply_fetch(&req, FetchOutcome::Facts(facts));
+        if let Some(req) = inv.on_event(conn, dom, Lifecycle::Started) {
+            inv.on_fetch(&req, FetchOutcome::Facts(facts));
         }
     }
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
 /// One simulated transition pair: domain `i` stops, a new incarnation of it starts and is read.
-fn churn(inv: &mut Inventory, i: usize, conns: usize, incarnation: u32) {
+fn churn(inv: &Owner, i: usize, conns: usize, incarnation: u32) {
     let (mut dom, facts) = synthetic(i);
     let conn = conn_of(i, conns);
-    inv.apply_event(conn, dom.clone(), Lifecycle::Stopped);
+    inv.on_event(conn, dom.clone(), Lifecycle::Stopped);
     dom.id = Some(1_000_000 + incarnation);
-    if let Some(req) = inv.apply_event(conn, dom, Lifecycle::Started) {
-        inv.apply_fetch(&req, FetchOutcome::Facts(facts));
+    if let Some(req) = inv.on_event(conn, dom, Lifecycle::Started) {
+        inv.on_fetch(&req, FetchOutcome::Facts(facts));
     }
 }
 
@@ -278,13 +279,9 @@ pub fn run_scale(
     collections: usize,
     all_attrs: bool,
 ) -> Result<ScaleResult> {
-    let inventory = Arc::new(Mutex::new(Inventory::new()));
-    let telemetry = Arc::new(Telemetry::new());
-    fill_telemetry(&telemetry, conns);
-    let populate_ns = {
-        let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
-        populate(&mut inv, 0..domains, conns)
-    };
+    let owner = Owner::new();
+    fill_telemetry(&owner, conns);
+    let populate_ns = populate(&owner, 0..domains, conns);
     let probe: SharedProbe = Arc::new(Mutex::new(Probe::default()));
     let mut cfg = AgentConfig::default();
     if all_attrs {
@@ -310,13 +307,7 @@ pub fn run_scale(
         .with_reader(reader)
         .build();
     register_probe(&provider, Arc::clone(&probe));
-    export::register_instruments(
-        &provider,
-        &cfg,
-        NODE,
-        Arc::clone(&inventory),
-        Arc::clone(&telemetry),
-    );
+    export::register_instruments(&provider, &cfg, NODE, owner.store());
 
     let collect_once = |gzip: bool| -> Result<(f64, Seen)> {
         {
@@ -350,18 +341,16 @@ pub fn run_scale(
     let mut rebuild = Vec::new();
     for k in 0..collections {
         if domains > 0 {
-            let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
             let t = Instant::now();
-            churn(&mut inv, (k * 7919) % domains, conns, k as u32);
+            churn(&owner, (k * 7919) % domains, conns, k as u32);
             churn_ns.push(t.elapsed().as_nanos() as f64);
         }
         let (c, _) = collect_once(false)?;
         changed.push(c);
         if domains > 0 {
-            let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
-            churn(&mut inv, (k * 104729) % domains, conns, 500_000 + k as u32);
+            churn(&owner, (k * 104729) % domains, conns, 500_000 + k as u32);
             let t = Instant::now();
-            let _ = inv.snapshot();
+            let _ = owner.store().snapshot();
             rebuild.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -451,17 +440,15 @@ pub fn run_rss(domains: usize, conns: usize) -> Result<RssResult> {
         cfg.export.protocol = Some(Protocol::Grpc);
         cfg.export.endpoint = Some(endpoint);
         cfg.export.interval = Some(Duration::from_secs(3600));
-        let inventory = Arc::new(Mutex::new(Inventory::new()));
-        let telemetry = Arc::new(Telemetry::new());
+        let owner = Owner::new();
         let exporter = {
             let _g = rt.enter();
-            Exporter::start(&cfg, NODE, Arc::clone(&inventory), Arc::clone(&telemetry))?
+            Exporter::start(&cfg, NODE, owner.store())?
         };
         let export_task = {
             let _g = rt.enter();
             exporter.spawn_export_task(Duration::from_millis(20))
         };
-        let push = exporter.trigger();
         let wait_export = |want: usize| -> Result<(usize, usize)> {
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
@@ -479,18 +466,15 @@ pub fn run_rss(domains: usize, conns: usize) -> Result<RssResult> {
             bail!("no export with {want} points reached the receiver")
         };
         // Baseline: the pipeline with nothing in it (one export of the self-metrics).
-        fill_telemetry(&telemetry, if domains == 0 { 1 } else { conns });
-        push.push();
+        fill_telemetry(&owner, if domains == 0 { 1 } else { conns });
+        owner.touch();
         wait_export(0)?;
         let pipeline = util::self_mem()?.rss;
-        {
-            let mut inv = inventory.lock().unwrap_or_else(|e| e.into_inner());
-            populate(&mut inv, 0..domains, conns);
-        }
+        populate(&owner, 0..domains, conns);
         let filled = util::self_mem()?.rss;
         let mut got = (0, 0);
         for _ in 0..2 {
-            push.push();
+            owner.touch();
             got = wait_export(domains)?;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -9,14 +9,13 @@
 //! its own blocking thread, never on the async worker.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::source::libvirt::LibvirtError;
 
-/// Asks a connection to stop: `None` while it runs, then the instant by which it must be closed.
-pub type StopSignal = watch::Receiver<Option<Instant>>;
+pub use crate::tasks::StopSignal;
 
 /// Why a libvirt call of a connection did not return a result.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +109,7 @@ impl Calls {
         };
         tokio::select! {
             biased;
-            _ = stop.wait_for(Option::is_some) => Err(CallError::Stopped { what }),
+            _ = stop.stopped() => Err(CallError::Stopped { what }),
             r = tokio::time::timeout(self.timeout, call) => r.unwrap_or(Err(CallError::Timeout {
                 what,
                 after: self.timeout,
@@ -122,9 +121,10 @@ impl Calls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
-    fn calls(concurrency: usize, timeout: Duration) -> (watch::Sender<Option<Instant>>, Calls) {
-        let (tx, rx) = watch::channel(None);
+    fn calls(concurrency: usize, timeout: Duration) -> (crate::tasks::Stop, Calls) {
+        let (tx, rx) = crate::tasks::Stop::new();
         (tx, Calls::new(concurrency, timeout, rx))
     }
 
@@ -193,7 +193,7 @@ mod tests {
             let _ = release_rx.recv();
             Ok(())
         });
-        tx.send(Some(Instant::now())).unwrap();
+        tx.stop(Instant::now());
         assert!(matches!(
             call.await,
             Err(CallError::Stopped { what: "hung" })

@@ -18,17 +18,16 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinSet};
 
-use super::call::{CallError, Calls, StopSignal};
+use super::call::{CallError, Calls};
 use super::Shared;
-use crate::inventory::{
-    ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle, ResyncReport, ResyncToken,
-};
+use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
 use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
 use crate::source::{Feeds, SourceEvent};
+use crate::tasks::{drain_by, Stop, StopSignal};
 
 /// What a connection task is given.
 #[derive(Clone, Debug)]
@@ -133,18 +132,7 @@ impl Session {
         event: Lifecycle,
         handle: Option<DomainHandle>,
     ) {
-        let shared = &ctx.shared;
-        shared.telemetry.count_event(event);
-        let (req, changed) = {
-            let mut inv = shared.lock_inventory();
-            let before = inv.version();
-            let req = inv.apply_event(ctx.spec.id, domain, event);
-            (req, inv.version() != before)
-        };
-        if changed {
-            shared.push.push();
-        }
-        if let Some(req) = req {
+        if let Some(req) = ctx.shared.owner.on_event(ctx.spec.id, domain, event) {
             self.spawn_fetch(ctx, req, handle);
         }
     }
@@ -170,7 +158,7 @@ pub async fn supervise(
 /// `inventory` command). Past `by` the calls still running are abandoned as
 /// [`CallError::Stopped`].
 pub async fn sync_once(shared: Arc<Shared>, spec: ConnSpec, by: Instant) -> Result<(), CallError> {
-    let (stop_tx, stop) = watch::channel(None);
+    let (stop_tx, stop) = Stop::new();
     let conn = Connection::new(shared, spec, stop, None);
     let work = async {
         let (watched, feeds) = conn.open().await?;
@@ -180,7 +168,7 @@ pub async fn sync_once(shared: Arc<Shared>, spec: ConnSpec, by: Instant) -> Resu
             for req in fetches.iter().cloned() {
                 session.spawn_fetch(&conn.ctx, req, None);
             }
-            while session.tasks.join_next().await.is_some() {}
+            drain_by(&mut session.tasks, by).await;
         }
         conn.close(session, by).await;
         synced.map(|_| ())
@@ -189,7 +177,7 @@ pub async fn sync_once(shared: Arc<Shared>, spec: ConnSpec, by: Instant) -> Resu
     tokio::select! {
         r = &mut work => r,
         _ = tokio::time::sleep_until(by.into()) => {
-            let _ = stop_tx.send(Some(by));
+            stop_tx.stop(by);
             work.await
         }
     }
@@ -244,7 +232,7 @@ impl Connection {
 
     /// The stop deadline, once asked to stop.
     fn stopping(&self) -> Option<Instant> {
-        *self.stop.borrow()
+        self.stop.deadline()
     }
 
     /// Advance the connection's life by one state; `None` once it ended.
@@ -256,7 +244,7 @@ impl Connection {
                 let mut stop = self.stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => Some(State::Connecting { failures }),
-                    _ = stop.wait_for(Option::is_some) => None,
+                    _ = stop.stopped() => None,
                 }
             }
             State::Up(mut session) => Some(match self.serve(&mut session).await {
@@ -265,7 +253,7 @@ impl Connection {
             }),
             State::Lost(session) => {
                 let ctx = Arc::clone(&self.ctx);
-                ctx.shared.telemetry.set_up(ctx.spec.id, false, None);
+                ctx.shared.owner.set_up(ctx.spec.id, false, None);
                 self.close(session, Instant::now() + self.ctx.calls.timeout())
                     .await;
                 self.delays = reconnect_delays(&self.ctx.shared);
@@ -295,7 +283,7 @@ impl Connection {
                 } else {
                     tracing::debug!(connection = %spec.label, error = %e, "libvirt still unavailable");
                 }
-                self.ctx.shared.telemetry.set_up(spec.id, false, None);
+                self.ctx.shared.owner.set_up(spec.id, false, None);
                 self.synced(false);
                 let delay = self
                     .delays
@@ -310,7 +298,7 @@ impl Connection {
         let ctx = Arc::clone(&self.ctx);
         let spec = &ctx.spec;
         if self.sessions > 0 {
-            ctx.shared.telemetry.count_reconnect(spec.id);
+            ctx.shared.owner.count_reconnect(spec.id);
             tracing::info!(connection = %spec.label, "libvirt connection re-established; resyncing");
         } else {
             tracing::info!(connection = %spec.label, "libvirt connection established");
@@ -332,7 +320,7 @@ impl Connection {
         } else {
             None
         };
-        ctx.shared.telemetry.set_up(spec.id, true, hv);
+        ctx.shared.owner.set_up(spec.id, true, hv);
         let mut session = Session::new(watched, feeds);
         session.start_resync(&ctx);
         State::Up(session)
@@ -389,7 +377,7 @@ impl Connection {
         loop {
             tokio::select! {
                 biased;
-                _ = stop.wait_for(Option::is_some) => return Ended::Stop,
+                _ = stop.stopped() => return Ended::Stop,
                 ev = session.feeds.events.recv() => match ev {
                     Some(SourceEvent { domain, event, detail, handle }) => {
                         tracing::debug!(connection = %ctx.spec.label, domain = %domain.name, event = event.as_str(), detail, "lifecycle event");
@@ -469,8 +457,7 @@ impl Connection {
         let by = tokio::time::Instant::from_std(by);
         // Aborted tasks drop their futures (and the resync its token) at once; the libvirt calls
         // they started hold only the connection and their permit, on their blocking threads.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        drain_by(&mut tasks, std::time::Instant::now()).await;
         // Queued events hold domain handles: release them (a local unref) while the connection
         // is still referenced here, so the last reference is the one dropped below.
         feeds.events.close();
@@ -487,7 +474,7 @@ impl Connection {
 /// Move the events dropped on a full backlog into the connection's counter; how many.
 fn take_dropped(ctx: &ConnCtx, feeds: &Feeds) -> u64 {
     let n = feeds.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
-    ctx.shared.telemetry.count_dropped_events(ctx.spec.id, n);
+    ctx.shared.owner.count_dropped_events(ctx.spec.id, n);
     n
 }
 
@@ -530,18 +517,18 @@ async fn fetch(
             FetchOutcome::Gone
         }
         Ok(Fetched::Unparsable(e)) => {
-            shared.telemetry.count_xml_error("parse");
+            shared.owner.telemetry().count_xml_error("parse");
             tracing::warn!(connection = %label, domain = %dom.name, error = %e, "domain XML could not be parsed; exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
         Err(CallError::Stopped { .. }) => FetchOutcome::Failed,
         Err(e @ CallError::Timeout { .. }) => {
-            shared.telemetry.count_xml_error("timeout");
+            shared.owner.telemetry().count_xml_error("timeout");
             tracing::warn!(connection = %label, domain = %dom.name, error = %e, "exporting hypervisor_type=unknown until the next resync");
             FetchOutcome::Failed
         }
         Err(e) => {
-            shared.telemetry.count_xml_error("fetch");
+            shared.owner.telemetry().count_xml_error("fetch");
             tracing::warn!(connection = %label, domain = %dom.name, error = %e, "exporting hypervisor_type=unknown");
             FetchOutcome::Failed
         }
@@ -555,44 +542,7 @@ async fn fetch_and_apply(
     handle: Option<DomainHandle>,
 ) {
     let outcome = fetch(ctx, watched, req.domain.clone(), handle).await;
-    let changed = ctx.shared.lock_inventory().apply_fetch(&req, outcome);
-    if changed {
-        ctx.shared.push.push();
-    }
-}
-
-/// A resync begun in the inventory, ended exactly once whatever happens to its task: finished
-/// with a listing, or aborted when dropped (a failed listing, or the task cancelled because its
-/// connection was lost). A token that outlived its task would keep the connection "resyncing"
-/// for good, and every later STOPPED would add a tombstone that is never cleared.
-struct ResyncGuard {
-    shared: Arc<Shared>,
-    token: Option<ResyncToken>,
-}
-
-impl ResyncGuard {
-    fn begin(shared: &Arc<Shared>, conn: ConnId) -> Self {
-        let token = shared.lock_inventory().begin_resync(conn);
-        Self {
-            shared: Arc::clone(shared),
-            token: Some(token),
-        }
-    }
-
-    fn finish(mut self, listing: Vec<(DomainRef, Option<FetchOutcome>)>) -> ResyncReport {
-        match self.token.take() {
-            Some(token) => self.shared.lock_inventory().finish_resync(token, listing),
-            None => ResyncReport::default(),
-        }
-    }
-}
-
-impl Drop for ResyncGuard {
-    fn drop(&mut self) {
-        if let Some(token) = self.token.take() {
-            self.shared.lock_inventory().abort_resync(token);
-        }
-    }
+    ctx.shared.owner.on_fetch(&req, outcome);
 }
 
 /// A session's resync task.
@@ -619,7 +569,7 @@ async fn resync_once(
     let shared = &ctx.shared;
     let id = ctx.spec.id;
     let started = Instant::now();
-    let guard = ResyncGuard::begin(shared, id);
+    let resync = shared.owner.begin_resync(id);
     let w = Arc::clone(watched);
     let libvirt::Listing {
         domains: listing,
@@ -628,7 +578,7 @@ async fn resync_once(
         .calls
         .run("listing active domains", move || libvirt::list_active(&w))
         .await?;
-    let need = shared.lock_inventory().needs_fetch(id, &listing);
+    let need = shared.owner.needs_fetch(id, &listing);
     let fetched_count = need.len();
     let mut fetches: FuturesUnordered<_> = need
         .into_iter()
@@ -654,13 +604,10 @@ async fn resync_once(
             (d, o)
         })
         .collect();
-    let report = guard.finish(items);
+    let report = resync.finish(items);
     let elapsed = started.elapsed();
-    shared.telemetry.set_last_sync(id, elapsed);
+    shared.owner.set_last_sync(id, elapsed);
     let changed = report.added + report.removed + report.replaced > 0;
-    if changed {
-        shared.push.push();
-    }
     macro_rules! log_resync {
         ($lvl:ident) => {
             tracing::$lvl!(

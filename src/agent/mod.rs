@@ -4,25 +4,26 @@
 
 pub mod call;
 pub mod connection;
+pub mod once;
 pub mod registry;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::config::{AgentConfig, ExporterKind};
+use crate::config::AgentConfig;
 use crate::discovery::{self, paths, Change};
 use crate::domain::Wants;
-use crate::export::{ExportError, Exporter, PushTrigger, Telemetry};
+use crate::export::{ExportError, Exporter};
 use crate::health::{self, Health};
-use crate::inventory::{ConnId, Inventory, Snapshot};
+use crate::inventory::ConnId;
 use crate::source::event_loop::{self, EventLoop, EventLoopError};
-use call::CallError;
-use connection::ConnSpec;
+use crate::state::{Owner, Store};
+use crate::tasks::{drain_by, Stop};
 use registry::{NewConnection, Registry};
 
 /// Launcher-socket changes discovery may queue before it waits for the agent.
@@ -48,16 +49,9 @@ pub enum AgentError {
 pub struct Shared {
     pub cfg: Arc<AgentConfig>,
     pub node: String,
-    pub inventory: Arc<Mutex<Inventory>>,
-    pub telemetry: Arc<Telemetry>,
-    pub push: PushTrigger,
+    /// The one door through which the agent's state changes.
+    pub owner: Owner,
     pub wants: Wants,
-}
-
-impl Shared {
-    pub fn lock_inventory(&self) -> MutexGuard<'_, Inventory> {
-        self.inventory.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// The node name: config, else `NODE_NAME`, else the host name.
@@ -124,16 +118,12 @@ impl Agent {
         let events = event_loop::acquire()?;
         let cfg = Arc::new(cfg);
         let node = resolve_node_name(&cfg);
-        let inventory = Arc::new(Mutex::new(Inventory::new()));
-        let telemetry = Arc::new(Telemetry::new());
-        let exporter =
-            Exporter::start(&cfg, &node, Arc::clone(&inventory), Arc::clone(&telemetry))?;
+        let owner = Owner::new();
+        let exporter = Exporter::start(&cfg, &node, owner.store())?;
         let shared = Arc::new(Shared {
             cfg: Arc::clone(&cfg),
             node,
-            inventory,
-            telemetry,
-            push: exporter.trigger(),
+            owner,
             wants: wants(&cfg),
         });
         Ok(Self {
@@ -143,14 +133,10 @@ impl Agent {
         })
     }
 
-    /// The live inventory (for tests and embedding).
-    pub fn inventory(&self) -> Arc<Mutex<Inventory>> {
-        Arc::clone(&self.shared.inventory)
-    }
-
-    /// The agent's counters and connection states.
-    pub fn telemetry(&self) -> Arc<Telemetry> {
-        Arc::clone(&self.shared.telemetry)
+    /// A reader of the agent's state: the inventory's snapshots, the connections, the counters
+    /// (for tests and embedding).
+    pub fn store(&self) -> Store {
+        self.shared.owner.store()
     }
 
     /// Run until `shutdown` resolves.
@@ -179,7 +165,7 @@ impl Agent {
         let export_task = exporter.spawn_export_task(cfg.export.debounce);
         tracing::info!(node = %shared.node, uris = ?cfg.libvirt.uris, exporter = ?cfg.export.exporter, "agent starting");
 
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = Stop::new();
         let mut registry = Registry::new(Arc::clone(&shared));
         let mut helpers = JoinSet::new();
         let mut first_syncs = Vec::new();
@@ -198,20 +184,16 @@ impl Agent {
 
         // Node KVM and MSHV capabilities: checked now and at every resync interval, off the
         // event path.
-        let kvm_push = shared.push.clone();
         helpers.spawn(crate::node::watch_kvm(
             crate::node::kvm::KVM_DEVICE.into(),
             crate::node::kvm::KVM_SYSFS_DEV.into(),
-            Arc::clone(&shared.telemetry),
-            move || kvm_push.push(),
+            shared.owner.clone(),
             cfg.libvirt.resync_interval,
             stop_rx.clone(),
         ));
-        let mshv_push = shared.push.clone();
         helpers.spawn(crate::node::watch_mshv(
             crate::node::mshv::MSHV_DEVICE.into(),
-            Arc::clone(&shared.telemetry),
-            move || mshv_push.push(),
+            shared.owner.clone(),
             cfg.libvirt.resync_interval,
             stop_rx.clone(),
         ));
@@ -229,7 +211,7 @@ impl Agent {
         // Readiness: after every explicit connection finished its first sync (or failed it).
         // Says what happened: a connection that could not be opened is not "synced", and a
         // stop before the first sync ends the wait without announcing anything.
-        let ready_push = shared.push.clone();
+        let ready_owner = shared.owner.clone();
         let ready_stop = stop_rx.clone();
         let ready_health = Arc::clone(&health);
         helpers.spawn(async move {
@@ -238,10 +220,10 @@ impl Agent {
             for rx in first_syncs {
                 synced += usize::from(rx.await.unwrap_or(false));
             }
-            if *ready_stop.borrow() {
+            if ready_stop.deadline().is_some() {
                 return;
             }
-            ready_push.push_now();
+            ready_owner.publish_now();
             ready_health.set_ready();
             if synced == total {
                 tracing::info!(connections = total, "initial sync done");
@@ -269,7 +251,7 @@ impl Agent {
                                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                             }
                         }
-                        _ = stop.changed() => break,
+                        _ = stop.stopped() => break,
                     }
                 }
             });
@@ -293,7 +275,7 @@ impl Agent {
                         }
                     }
                     Change::Rejected(path, why) => {
-                        shared.telemetry.count_rejection(why);
+                        shared.owner.telemetry().count_rejection(why);
                         tracing::warn!(
                             socket = %path.display(),
                             reason = why.as_str(),
@@ -311,13 +293,11 @@ impl Agent {
         tracing::info!("shutting down");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let plan = ShutdownPlan::new(Instant::now(), cfg.export.shutdown_timeout);
-        let _ = stop_tx.send(true);
-        let helpers_done = async {
-            let all = async { while helpers.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout_at(plan.connections.into(), all).await;
-        };
-        tokio::join!(registry.shutdown(plan.connections), helpers_done);
-        helpers.abort_all();
+        stop.stop(plan.connections);
+        tokio::join!(
+            registry.shutdown(plan.connections),
+            drain_by(&mut helpers, plan.connections)
+        );
         if let Some(t) = export_task {
             t.abort();
             let _ = t.await;
@@ -360,71 +340,10 @@ fn watchdog_period() -> Option<Duration> {
         .map(|d| d / 2)
 }
 
-/// What the `inventory` command prints.
-#[derive(Debug)]
-pub struct InventoryOnce {
-    pub snapshot: Arc<Snapshot>,
-    /// The `connection` label of each connection, by id.
-    pub labels: BTreeMap<ConnId, String>,
-    /// URIs that could not be read, with why.
-    pub failures: Vec<(String, String)>,
-}
-
-/// One-shot: connect to every configured URI at once, run one resync on each (the same as the
-/// daemon's), and return what would be exported now (the `inventory` command). All of it is
-/// bounded by one deadline, three times `fetch_timeout` (open, list, read); failures are reported
-/// per URI.
-pub async fn inventory_once(cfg: &AgentConfig) -> Result<InventoryOnce, AgentError> {
-    let mut quiet = cfg.clone();
-    quiet.export.exporter = ExporterKind::None;
-    let agent = Agent::new(quiet)?;
-    let total = cfg.libvirt.fetch_timeout * 3;
-    let by = Instant::now() + total;
-    let mut syncs = JoinSet::new();
-    let mut labels = BTreeMap::new();
-    for (id, uri) in (1..).zip(cfg.libvirt.uris.iter().cloned()) {
-        labels.insert(id, uri.clone());
-        let spec = ConnSpec {
-            id,
-            label: uri.clone(),
-            uri: uri.clone(),
-            fallback_uri: None,
-            pod_uid: None,
-        };
-        let shared = Arc::clone(&agent.shared);
-        syncs.spawn(async move {
-            let r = connection::sync_once(shared, spec, by).await;
-            (uri, r)
-        });
-    }
-    let mut failures = Vec::new();
-    while let Some(done) = syncs.join_next().await {
-        match done {
-            Ok((_, Ok(()))) => {}
-            Ok((uri, Err(CallError::Stopped { what }))) => {
-                failures.push((uri, format!("{what} did not finish within {total:?}")))
-            }
-            Ok((uri, Err(e))) => failures.push((uri, e.to_string())),
-            Err(e) => tracing::error!(error = %e, "inventory task failed"),
-        }
-    }
-    failures.sort();
-    let snapshot = agent.shared.lock_inventory().snapshot();
-    let Agent {
-        exporter, events, ..
-    } = agent;
-    exporter.shutdown(Duration::from_millis(100)).await;
-    let _ = tokio::task::spawn_blocking(move || events.release(Duration::from_millis(500))).await;
-    Ok(InventoryOnce {
-        snapshot,
-        labels,
-        failures,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ExporterKind;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn the_event_loop_is_released_when_export_setup_fails() {

@@ -2,8 +2,8 @@
 //! are [`add`](Registry::add)ed, [`remove`](Registry::remove)d and [`shutdown`](Registry::shutdown)
 //! here, with one rule for ids, self-metrics and readiness.
 //!
-//! Each connection is one task in the registry's `JoinSet`, told to stop through a watch channel
-//! that carries its deadline. A removal drops the connection's domains and self-metrics at once
+//! Each connection is one task in the registry's `JoinSet`, told to stop through a
+//! [`Stop`] that carries its deadline. A removal drops the connection's domains and self-metrics at once
 //! (its socket is gone: so are its VMs, and the next export says so) and returns; the connection
 //! closes on its own, bounded by `fetch_timeout` (a hung daemon's release is then left to its
 //! blocking thread), and [`reap`](Registry::reap) forgets it when its task ends, so many pods
@@ -15,12 +15,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::connection::{self, ConnSpec};
 use super::Shared;
 use crate::inventory::ConnId;
+use crate::state::Owner;
+use crate::tasks::{drain_by, Stop};
 
 /// How long after its deadline a closing connection may take to report that it ended.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -53,10 +55,25 @@ impl NewConnection {
     }
 }
 
+impl NewConnection {
+    /// Register the connection with the state's owner under `id`: its task's spec, and the
+    /// directory to hold open while it lives.
+    pub fn admit(self, id: ConnId, owner: &Owner) -> (ConnSpec, Option<std::fs::File>) {
+        owner.add(id, &self.label, self.pod_uid.clone(), self.domain_limit);
+        let spec = ConnSpec {
+            id,
+            label: self.label,
+            uri: self.uri,
+            fallback_uri: self.fallback_uri,
+            pod_uid: self.pod_uid,
+        };
+        (spec, self.dir)
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
-    label: String,
-    stop: watch::Sender<Option<Instant>>,
+    stop: Stop,
     /// Removed (not shut down): its domains are gone already, and the inventory forgets it when
     /// its task ends.
     removing: bool,
@@ -88,28 +105,17 @@ impl Registry {
     pub fn add(&mut self, new: NewConnection, first_sync: Option<oneshot::Sender<bool>>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
-        self.shared
-            .telemetry
-            .add_connection(id, &new.label, new.pod_uid.clone(), new.domain_limit);
-        self.shared.lock_inventory().add_connection(id);
-        let (stop, stop_rx) = watch::channel(None);
-        let spec = ConnSpec {
-            id,
-            label: new.label.clone(),
-            uri: new.uri,
-            fallback_uri: new.fallback_uri,
-            pod_uid: new.pod_uid,
-        };
+        let (spec, dir) = new.admit(id, &self.shared.owner);
+        let (stop, stop_rx) = Stop::new();
         let task = connection::supervise(Arc::clone(&self.shared), spec, stop_rx, first_sync);
         let handle = self.tasks.spawn(task);
         self.by_task.insert(handle.id(), id);
         self.conns.insert(
             id,
             Entry {
-                label: new.label,
                 stop,
                 removing: false,
-                _dir: new.dir,
+                _dir: dir,
             },
         );
         id
@@ -121,21 +127,9 @@ impl Registry {
         let by = Instant::now() + self.shared.cfg.libvirt.fetch_timeout;
         if let Some(e) = self.conns.get_mut(&id) {
             e.removing = true;
-            let _ = e.stop.send(Some(by));
-            let removed = self.shared.lock_inventory().retire_connection(id);
-            self.shared.telemetry.remove_connection(id);
-            if removed > 0 {
-                self.shared.push.push();
-            }
+            e.stop.stop(by);
+            self.shared.owner.retire(id);
         }
-    }
-
-    /// The `connection` label of every connection, by id.
-    pub fn labels(&self) -> BTreeMap<ConnId, String> {
-        self.conns
-            .iter()
-            .map(|(id, e)| (*id, e.label.clone()))
-            .collect()
     }
 
     /// Wait for a connection task to end and finish its removal; pending while none runs.
@@ -159,35 +153,23 @@ impl Registry {
                 "connection task ended unasked; its domains are dropped"
             );
         }
-        let removed = {
-            let mut inv = self.shared.lock_inventory();
-            inv.forget_retired(id);
-            inv.remove_connection(id)
-        };
-        self.shared.telemetry.remove_connection(id);
-        if removed > 0 {
-            self.shared.push.push();
-        }
+        self.shared.owner.forget(id);
     }
 
     /// Stop every connection by `by`, keeping their domains; connections still closing then are
     /// left to their blocking threads.
     pub async fn shutdown(mut self, by: Instant) {
         for e in self.conns.values() {
-            let _ = e.stop.send(Some(by));
+            e.stop.stop(by);
         }
         // Each connection closes by `by` on its own (a slow release is left to its blocking
         // thread); the grace only covers waking up to report it.
-        let all = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout_at((by + CLOSE_GRACE).into(), all)
-            .await
-            .is_err()
-        {
+        let late = drain_by(&mut self.tasks, by + CLOSE_GRACE).await;
+        if late > 0 {
             tracing::warn!(
-                connections = self.tasks.len(),
+                connections = late,
                 "connections did not close by the shutdown deadline"
             );
-            self.tasks.abort_all();
         }
     }
 }

@@ -18,9 +18,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::config::DiscoverConfig;
+use crate::tasks::StopSignal;
 
 /// Coalesce bursts of file-system events (a pod creates many files at once).
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -36,11 +37,7 @@ pub enum Change {
 }
 
 /// Run discovery until `stop` turns true or the receiver of `changes` is gone.
-pub async fn run(
-    cfg: DiscoverConfig,
-    changes: mpsc::Sender<Change>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(cfg: DiscoverConfig, changes: mpsc::Sender<Change>, mut stop: StopSignal) {
     let globs = paths::absolute_globs(&cfg);
     let (levels, deep) = paths::watch_patterns(&globs);
     tracing::info!(globs = ?globs, "KubeVirt socket discovery started");
@@ -107,7 +104,7 @@ pub async fn run(
             continue;
         }
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.stopped() => break,
             _ = tokio::time::sleep(cfg.rescan_interval) => {}
             ev = fs_rx.recv() => {
                 if ev.is_some() {

@@ -3,28 +3,30 @@
 //! push-on-change.
 //!
 //! One export task on the agent's runtime does all exporting: it waits for the periodic tick or
-//! for a change (then the debounce, unless the push is urgent), collects through a manual
+//! for the state's change signal (then the debounce, unless the push is urgent), collects through a manual
 //! reader, and awaits the exporter (tonic or async reqwest, both on this runtime). There is no
 //! reader thread and no blocking hand-off, so a push costs a collection and a request, not a
 //! chain of thread wake-ups. Exports never overlap; changes during one coalesce into one more.
 //! A down collector delays only this task (each request is bounded by the export timeout),
 //! never the event path, and memory stays bounded (the gauge is rebuilt from the inventory).
 //!
-//! Instrument callbacks run inside the collection: they read the inventory snapshot and the
-//! connection table (shared `Arc`s, rebuilt only after a change) and never call libvirt.
+//! Instrument callbacks run inside the collection: they read the state through a
+//! [`Store`](crate::state::Store) (the inventory snapshot and the connection table, shared `Arc`s
+//! rebuilt only after a change) and never call libvirt or take the inventory's write lock.
 
 pub mod otlp;
 pub mod points;
 pub mod reporting;
 pub mod resource;
 pub mod stdout;
-pub mod telemetry;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::config::{AgentConfig, ExporterKind};
+use crate::inventory::Lifecycle;
+use crate::state::{ConnMeta, Store};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry::{StringValue, Value};
@@ -35,11 +37,6 @@ use opentelemetry_sdk::metrics::{
     Instrument, InstrumentKind, ManualReader, MeterProviderBuilder, Pipeline, SdkMeterProvider,
     Stream, Temporality,
 };
-use tokio::sync::Notify;
-
-use crate::config::{AgentConfig, ExporterKind};
-use crate::inventory::{Inventory, Lifecycle};
-pub use telemetry::Telemetry;
 
 /// Meter (instrumentation scope) name.
 pub const METER_NAME: &str = "virt-hypervisor-agent";
@@ -79,10 +76,11 @@ enum SinkKind {
     Stdout,
 }
 
-/// A sink: the request builder with its staleness markers, the transport, the failure report.
+/// A sink: the request builder with its staleness markers, the transport (swapped by a reload,
+/// taking effect at the next export), the failure report.
 #[derive(Debug)]
 struct Sink {
-    kind: SinkKind,
+    kind: Mutex<Arc<SinkKind>>,
     staleness: Mutex<wire::Staleness>,
     report: reporting::Reporting,
 }
@@ -102,10 +100,19 @@ impl Sink {
             SinkKind::Stdout => "stdout",
         };
         Self {
-            kind,
+            kind: Mutex::new(Arc::new(kind)),
             staleness: Mutex::new(wire::Staleness::new(marker_limit)),
             report: reporting::Reporting::new(target),
         }
+    }
+
+    fn kind(&self) -> Arc<SinkKind> {
+        Arc::clone(&self.kind.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Export through `kind` from the next export on; the staleness markers owed stay owed.
+    fn swap(&self, kind: SinkKind) {
+        *self.kind.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(kind);
     }
 
     fn staleness(&self) -> std::sync::MutexGuard<'_, wire::Staleness> {
@@ -116,7 +123,7 @@ impl Sink {
     /// when `mark`). Markers are forgotten only once a request carrying them was delivered.
     async fn export(&self, rm: &ResourceMetrics, mark: bool) -> Result<(), ExportFailure> {
         let req = self.staleness().request(rm, now_nanos(), mark);
-        let result = match &self.kind {
+        let result = match &*self.kind() {
             SinkKind::Otlp(t) => t.send(req).await.map_err(ExportFailure::from),
             SinkKind::Stdout => stdout::write(stdout::render(&req))
                 .await
@@ -167,12 +174,21 @@ impl MetricReader for SharedReader {
     }
 }
 
+/// When the export task exports: every `interval`, and `debounce` after a change (`0`: only
+/// periodically).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Timing {
+    interval: Duration,
+    debounce: Duration,
+}
+
 /// Collects and exports; shared by the export task and the final flush.
 #[derive(Debug)]
 struct Pipe {
     reader: SharedReader,
     sink: Sink,
-    interval: Duration,
+    /// Read by the export task, which restarts its clock when a reload changes it.
+    timing: tokio::sync::watch::Sender<Timing>,
 }
 
 impl Pipe {
@@ -197,20 +213,13 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub struct Exporter {
     provider: Option<SdkMeterProvider>,
     pipe: Option<Arc<Pipe>>,
-    wake: Arc<Notify>,
-    urgent: Arc<AtomicBool>,
-    urgent_wake: Arc<Notify>,
+    store: Store,
 }
 
 impl Exporter {
     /// Build the meter provider and register every instrument. Must run inside a multi-thread
     /// tokio runtime (the exporters run their connections on it).
-    pub fn start(
-        cfg: &AgentConfig,
-        node: &str,
-        inventory: Arc<Mutex<Inventory>>,
-        telemetry: Arc<Telemetry>,
-    ) -> Result<Self, ExportError> {
+    pub fn start(cfg: &AgentConfig, node: &str, store: Store) -> Result<Self, ExportError> {
         let kind = match cfg.export.exporter {
             ExporterKind::Otlp => Some(SinkKind::Otlp(Box::new(otlp::Transport::build(
                 &cfg.export,
@@ -227,7 +236,10 @@ impl Exporter {
                 // OTLP's cumulative temporality: every export carries each series' full state.
                 reader: SharedReader::new(Temporality::Cumulative),
                 sink: Sink::new(kind, marker_limit),
-                interval: export_interval(cfg),
+                timing: tokio::sync::watch::Sender::new(Timing {
+                    interval: export_interval(cfg),
+                    debounce: cfg.export.debounce,
+                }),
             })
         });
         let mut builder = provider_builder(cfg, node);
@@ -237,24 +249,13 @@ impl Exporter {
         let provider = builder.build();
         // Without a reader nothing would ever collect them (and the SDK logs an error for each).
         if pipe.is_some() {
-            register_instruments(&provider, cfg, node, inventory, telemetry);
+            register_instruments(&provider, cfg, node, store.clone());
         }
         Ok(Self {
             provider: Some(provider),
             pipe,
-            wake: Arc::new(Notify::new()),
-            urgent: Arc::new(AtomicBool::new(false)),
-            urgent_wake: Arc::new(Notify::new()),
+            store,
         })
-    }
-
-    /// A handle that schedules a debounced push.
-    pub fn trigger(&self) -> PushTrigger {
-        PushTrigger {
-            wake: Arc::clone(&self.wake),
-            urgent: Arc::clone(&self.urgent),
-            urgent_wake: Arc::clone(&self.urgent_wake),
-        }
     }
 
     /// Spawn the export task: periodic export, plus push on change unless `debounce` is zero,
@@ -263,28 +264,33 @@ impl Exporter {
     /// is exported (`exporter: none`).
     pub fn spawn_export_task(&self, debounce: Duration) -> Option<tokio::task::JoinHandle<()>> {
         let pipe = Arc::clone(self.pipe.as_ref()?);
-        let wake = Arc::clone(&self.wake);
-        let urgent = Arc::clone(&self.urgent);
-        let urgent_wake = Arc::clone(&self.urgent_wake);
-        let push_on_change = !debounce.is_zero();
+        let mut store = self.store.clone();
+        pipe.timing.send_modify(|t| t.debounce = debounce);
+        let mut timing_rx = pipe.timing.subscribe();
         Some(tokio::spawn(async move {
-            let start = tokio::time::Instant::now() + pipe.interval;
-            let mut tick = tokio::time::interval_at(start, pipe.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let Timing { mut interval, mut debounce } = *timing_rx.borrow_and_update();
+            let mut tick = periodic(interval);
             let mut retry_delay = RETRY_FIRST;
             let mut retry_at: Option<tokio::time::Instant> = None;
             loop {
                 let why = tokio::select! {
                     _ = tick.tick() => "periodic",
                     _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => "retry",
-                    _ = wake.notified(), if push_on_change => {
+                    Ok(()) = timing_rx.changed() => {
+                        // A reload changed the timing: the next periodic export is one new
+                        // interval from now.
+                        Timing { interval, debounce } = *timing_rx.borrow_and_update();
+                        tick = periodic(interval);
+                        continue;
+                    }
+                    _ = store.changed(), if !debounce.is_zero() => {
                         // Wait the debounce, unless an urgent push arrives (before or during it).
-                        if !urgent.swap(false, Ordering::AcqRel) {
+                        let until = tokio::time::Instant::now() + debounce;
+                        while !store.take_urgent() {
                             tokio::select! {
-                                _ = tokio::time::sleep(debounce) => {}
-                                _ = urgent_wake.notified() => {}
+                                _ = tokio::time::sleep_until(until) => break,
+                                _ = store.changed() => {}
                             }
-                            urgent.store(false, Ordering::Release);
                         }
                         "on change"
                     }
@@ -303,12 +309,33 @@ impl Exporter {
                     // The sink reports failures (rate-limited).
                     Err(e) => {
                         retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                        retry_delay = (retry_delay * 2).min(pipe.interval.max(RETRY_FIRST));
+                        retry_delay = (retry_delay * 2).min(interval.max(RETRY_FIRST));
                         tracing::debug!(why, error = %e, retry_in = ?retry_delay, "export failed")
                     }
                 }
             }
         }))
+    }
+
+    /// Apply a reloaded configuration's export settings (transport, TLS, headers, interval,
+    /// debounce) from the next export on, keeping the staleness markers owed; on an error
+    /// nothing changes. The exporter kind, the metric and the resource are fixed at start.
+    pub fn reconfigure(&self, cfg: &AgentConfig) -> Result<(), ExportError> {
+        let Some(pipe) = &self.pipe else {
+            return Ok(());
+        };
+        if let SinkKind::Otlp(_) = &*pipe.sink.kind() {
+            let transport = otlp::Transport::build(&cfg.export)?;
+            pipe.sink.swap(SinkKind::Otlp(Box::new(transport)));
+        }
+        pipe.timing.send_if_modified(|t| {
+            let new = Timing {
+                interval: export_interval(cfg),
+                debounce: cfg.export.debounce,
+            };
+            std::mem::replace(t, new) != new
+        });
+        Ok(())
     }
 
     /// Export once more and shut the provider down, bounded by `deadline`. Call after the
@@ -335,27 +362,6 @@ impl Exporter {
     }
 }
 
-/// Cloneable handle that asks the export task for a push.
-#[derive(Clone, Debug)]
-pub struct PushTrigger {
-    wake: Arc<Notify>,
-    urgent: Arc<AtomicBool>,
-    urgent_wake: Arc<Notify>,
-}
-
-impl PushTrigger {
-    pub fn push(&self) {
-        self.wake.notify_one();
-    }
-
-    /// Push without waiting for the debounce (the first complete picture after startup).
-    pub fn push_now(&self) {
-        self.urgent.store(true, Ordering::Release);
-        self.urgent_wake.notify_one();
-        self.wake.notify_one();
-    }
-}
-
 /// A meter provider builder with the agent's resource and the info gauge's cardinality limit,
 /// still without a reader.
 pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
@@ -370,6 +376,13 @@ pub fn provider_builder(cfg: &AgentConfig, node: &str) -> MeterProviderBuilder {
                 None
             }
         })
+}
+
+/// A clock that ticks every `interval`, first one interval from now.
+fn periodic(interval: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 /// Periodic export interval: the config's, else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds,
@@ -394,7 +407,7 @@ fn export_interval(cfg: &AgentConfig) -> Duration {
 }
 
 /// The `connection` attribute of a connection-level self-metric (the label is shared, not copied).
-fn connection_attribute(m: &telemetry::ConnMeta) -> [KeyValue; 1] {
+fn connection_attribute(m: &ConnMeta) -> [KeyValue; 1] {
     [KeyValue::new(
         "connection",
         Value::String(StringValue::from(Arc::clone(&m.label))),
@@ -404,17 +417,17 @@ fn connection_attribute(m: &telemetry::ConnMeta) -> [KeyValue; 1] {
 /// An observable counter with one point per connection, labelled `connection`.
 fn connection_counter(
     meter: &opentelemetry::metrics::Meter,
-    telemetry: &Arc<Telemetry>,
+    store: &Store,
     name: &'static str,
     description: &'static str,
-    value: fn(&telemetry::ConnMeta) -> u64,
+    value: fn(&ConnMeta) -> u64,
 ) {
-    let tel = Arc::clone(telemetry);
+    let store = store.clone();
     meter
         .u64_observable_counter(name)
         .with_description(description)
         .with_callback(move |obs| {
-            for m in tel.connection_meta().values() {
+            for m in store.connections().values() {
                 obs.observe(value(m), &connection_attribute(m));
             }
         })
@@ -422,14 +435,13 @@ fn connection_counter(
 }
 
 /// Register the info gauge and the self-metrics on `provider`. Their callbacks run at each
-/// collection: they read the inventory snapshot and the connection table (both shared `Arc`s,
-/// rebuilt only after a change) and never call libvirt.
+/// collection: they read the state through `store` (the inventory snapshot and the connection
+/// table, both shared `Arc`s rebuilt only after a change) and never call libvirt.
 pub fn register_instruments(
     provider: &SdkMeterProvider,
     cfg: &AgentConfig,
     node: &str,
-    inventory: Arc<Mutex<Inventory>>,
-    telemetry: Arc<Telemetry>,
+    store: Store,
 ) {
     let meter = provider.meter(METER_NAME);
     let points = Arc::new(Mutex::new(
@@ -437,15 +449,13 @@ pub fn register_instruments(
             .with_cardinality_limit(cfg.metric.cardinality_limit),
     ));
 
-    let inv = Arc::clone(&inventory);
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let info_points = Arc::clone(&points);
     let _info = meter
         .i64_observable_gauge(cfg.metric.name.clone())
         .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg, mshv or unknown")
         .with_callback(move |obs| {
-            let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
-            let conns = tel.connection_meta();
+            let (snap, conns) = (st.snapshot(), st.connections());
             let mut points = info_points.lock().unwrap_or_else(|p| p.into_inner());
             for attrs in points.refresh(snap, conns) {
                 obs.observe(1, attrs);
@@ -453,24 +463,23 @@ pub fn register_instruments(
         })
         .build();
 
-    let inv = Arc::clone(&inventory);
+    let st = store.clone();
     let _domains = meter
         .i64_observable_gauge("virt_hypervisor_agent_domains")
         .with_description("Active domains known to the agent, by hypervisor type")
         .with_callback(move |obs| {
-            let snap = inv.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
-            for (t, n) in snap.count_by_type() {
+            for (t, n) in st.snapshot().count_by_type() {
                 obs.observe(*n as i64, &[KeyValue::new("hypervisor_type", t.as_str())]);
             }
         })
         .build();
 
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let _up = meter
         .i64_observable_gauge("virt_hypervisor_agent_connection_up")
         .with_description("1 when the agent's libvirt connection is established, else 0")
         .with_callback(move |obs| {
-            for m in tel.connection_meta().values() {
+            for m in st.connections().values() {
                 obs.observe(i64::from(m.up), &connection_attribute(m));
             }
         })
@@ -478,26 +487,26 @@ pub fn register_instruments(
 
     connection_counter(
         &meter,
-        &telemetry,
+        &store,
         "virt_hypervisor_agent_reconnects",
         "Successful reconnections of a libvirt connection after it was lost",
         |m| m.reconnects,
     );
     connection_counter(
         &meter,
-        &telemetry,
+        &store,
         "virt_hypervisor_agent_lifecycle_events_dropped",
         "Lifecycle events of a connection dropped because its backlog (libvirt.event_backlog) was full; a burst of drops triggers one resync of that connection",
         |m| m.dropped_events,
     );
 
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let _sync = meter
         .f64_observable_gauge("virt_hypervisor_agent_last_sync_duration")
         .with_unit("s")
         .with_description("Duration of the last full resync of a connection")
         .with_callback(move |obs| {
-            for m in tel.connection_meta().values() {
+            for m in st.connections().values() {
                 if let Some(d) = m.last_sync {
                     obs.observe(d.as_secs_f64(), &connection_attribute(m));
                 }
@@ -505,13 +514,16 @@ pub fn register_instruments(
         })
         .build();
 
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let _events = meter
         .u64_observable_counter("virt_hypervisor_agent_lifecycle_events")
         .with_description("Domain lifecycle events received from libvirt, by event type")
         .with_callback(move |obs| {
             for ev in Lifecycle::ALL {
-                obs.observe(tel.events(ev), &[KeyValue::new("event", ev.as_str())]);
+                obs.observe(
+                    st.telemetry().events(ev),
+                    &[KeyValue::new("event", ev.as_str())],
+                );
             }
         })
         .build();
@@ -528,27 +540,27 @@ pub fn register_instruments(
         })
         .build();
 
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let _rejected = meter
         .u64_observable_counter("virt_hypervisor_agent_discovery_rejected")
         .with_description(
             "Paths matching a discovery glob that were not connected to, by reason (not_socket, symlink, owner); each counted once while it stays rejected",
         )
         .with_callback(move |obs| {
-            for (reason, n) in tel.rejections() {
+            for (reason, n) in st.telemetry().rejections() {
                 obs.observe(n, &[KeyValue::new("reason", reason)]);
             }
         })
         .build();
 
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let _errors = meter
         .u64_observable_counter("virt_hypervisor_agent_xml_errors")
         .with_description(
             "Domain XML fetches or parses that failed, by kind (fetch, timeout, parse)",
         )
         .with_callback(move |obs| {
-            for (kind, n) in tel.xml_errors() {
+            for (kind, n) in st.telemetry().xml_errors() {
                 obs.observe(n, &[KeyValue::new("kind", kind)]);
             }
         })
@@ -556,7 +568,7 @@ pub fn register_instruments(
 
     // Whether this node can run KVM guests (src/node): one series per agent, exported at every
     // interval once the first check finished, so it doubles as the agent's heartbeat.
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let node_attr = [KeyValue::new("node", node.to_string())];
     let _kvm = meter
         .i64_observable_gauge("virt_hypervisor_agent_node_kvm_available")
@@ -564,7 +576,7 @@ pub fn register_instruments(
             "1 when this node can run KVM guests (/dev/kvm answers the KVM API), else 0",
         )
         .with_callback(move |obs| {
-            if let Some(available) = tel.kvm_available() {
+            if let Some(available) = st.telemetry().kvm_available() {
                 obs.observe(i64::from(available), &node_attr);
             }
         })
@@ -572,7 +584,7 @@ pub fn register_instruments(
 
     // Whether this node can run guests on the Microsoft Hypervisor (src/node/mshv.rs): the
     // alert rules treat a node with it like one with KVM. One series per agent, like KVM's.
-    let tel = Arc::clone(&telemetry);
+    let st = store.clone();
     let node_attr = [KeyValue::new("node", node.to_string())];
     let _mshv = meter
         .i64_observable_gauge("virt_hypervisor_agent_node_mshv_available")
@@ -580,13 +592,13 @@ pub fn register_instruments(
             "1 when this node can run guests on the Microsoft Hypervisor (/dev/mshv opens), else 0",
         )
         .with_callback(move |obs| {
-            if let Some(available) = tel.mshv_available() {
+            if let Some(available) = st.telemetry().mshv_available() {
                 obs.observe(i64::from(available), &node_attr);
             }
         })
         .build();
 
-    register_info_checks(&meter, points, inventory, telemetry);
+    register_info_checks(&meter, points, store);
     // Observable instruments stay registered with the provider after their handles drop.
 }
 
@@ -596,16 +608,11 @@ pub fn register_instruments(
 fn register_info_checks(
     meter: &opentelemetry::metrics::Meter,
     points: Arc<Mutex<points::InfoPoints>>,
-    inventory: Arc<Mutex<Inventory>>,
-    telemetry: Arc<Telemetry>,
+    store: Store,
 ) {
-    let (tel, pts) = (Arc::clone(&telemetry), Arc::clone(&points));
+    let (st, pts) = (store.clone(), Arc::clone(&points));
     let stats = move || {
-        let snap = inventory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot();
-        let conns = tel.connection_meta();
+        let (snap, conns) = (st.snapshot(), st.connections());
         let mut points = pts.lock().unwrap_or_else(|p| p.into_inner());
         points.refresh(snap, conns).for_each(drop);
         points.stats()
@@ -634,7 +641,7 @@ fn register_info_checks(
         )
         .with_callback(move |obs| {
             stats();
-            let conns = telemetry.connection_meta();
+            let conns = store.connections();
             let points = points.lock().unwrap_or_else(|p| p.into_inner());
             for (id, m) in conns.iter() {
                 obs.observe(

@@ -34,9 +34,9 @@ use std::sync::Arc;
 
 use opentelemetry::{KeyValue, StringValue, Value};
 
-use super::telemetry::{ConnMeta, ConnTable};
 use crate::config::OptionalAttributes;
 use crate::inventory::{ConnId, DomainRecord, Snapshot};
+use crate::state::{ConnMeta, ConnTable};
 
 /// The info gauge's data points (value 1 each), kept between collections.
 #[derive(Debug)]
@@ -440,8 +440,8 @@ mod tests {
 
     use super::*;
     use crate::domain::{DomainFacts, HypervisorType};
-    use crate::export::Telemetry;
     use crate::inventory::{ConnId, DomainRef, FetchOutcome, Inventory, Lifecycle};
+    use crate::state::Owner;
 
     fn start(inv: &mut Inventory, conn: ConnId, uuid: &str, id: u32, name: &str, kvm: bool) {
         inv.add_connection(conn);
@@ -477,8 +477,8 @@ mod tests {
     }
 
     /// (name, pointer to the attribute slice) of every point.
-    fn collect(p: &mut InfoPoints, inv: &mut Inventory, tel: &Telemetry) -> Vec<(String, usize)> {
-        p.refresh(inv.snapshot(), tel.connection_meta())
+    fn collect(p: &mut InfoPoints, inv: &mut Inventory, tel: &Owner) -> Vec<(String, usize)> {
+        p.refresh(inv.snapshot(), tel.store().connections())
             .map(|a| {
                 let name = a.iter().find(|kv| kv.key.as_str() == "name").unwrap();
                 (name.value.to_string(), a.as_ptr() as usize)
@@ -489,12 +489,12 @@ mod tests {
     #[test]
     fn attributes_follow_the_contract_sorted_by_key() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None, None);
+        let tel = Owner::new();
+        tel.add(1, "qemu:///system", None, None);
         start(&mut inv, 1, "u-1", 1, "default_vm-a", true);
         let mut p = InfoPoints::new("node-1", OptionalAttributes::default());
         let points: Vec<_> = p
-            .refresh(inv.snapshot(), tel.connection_meta())
+            .refresh(inv.snapshot(), tel.store().connections())
             .map(as_map)
             .collect();
         assert_eq!(
@@ -511,9 +511,9 @@ mod tests {
     #[test]
     fn unchanged_domains_keep_their_attribute_sets_and_changes_are_rebuilt() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "a", None, None);
-        tel.add_connection(2, "b", Some("pod-b".into()), None);
+        let tel = Owner::new();
+        tel.add(1, "a", None, None);
+        tel.add(2, "b", Some("pod-b".into()), None);
         start(&mut inv, 1, "u-1", 1, "ns_a1", true);
         start(&mut inv, 1, "u-2", 2, "ns_a2", true);
         start(&mut inv, 2, "u-3", 3, "ns_b1", false);
@@ -547,13 +547,13 @@ mod tests {
         // A connection-level value changes: only that connection's domains are rebuilt.
         tel.set_up(2, true, Some("9.0.0".into()));
         assert_eq!(collect(&mut p, &mut inv, &tel), second);
-        tel.remove_connection(2);
-        tel.add_connection(2, "b", Some("pod-b2".into()), None);
+        tel.forget(2);
+        tel.add(2, "b", Some("pod-b2".into()), None);
         let third = collect(&mut p, &mut inv, &tel);
         assert_eq!(third[..2], second[..2]);
         assert_ne!(third[2].1, second[2].1);
         let pod = p
-            .refresh(inv.snapshot(), tel.connection_meta())
+            .refresh(inv.snapshot(), tel.store().connections())
             .last()
             .map(as_map)
             .unwrap();
@@ -600,8 +600,8 @@ mod tests {
     #[test]
     fn domain_type_is_the_raw_root_type_and_only_when_switched_on() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None, None);
+        let tel = Owner::new();
+        tel.add(1, "qemu:///system", None, None);
         start_typed(&mut inv, "u-1", 1, "fast", Some("kvm"));
         start_typed(&mut inv, "u-2", 2, "slow", Some("qemu"));
         start_typed(&mut inv, "u-3", 3, "new-backend", Some("bhyve"));
@@ -610,7 +610,7 @@ mod tests {
 
         let mut off = InfoPoints::new("n", OptionalAttributes::default());
         let points: Vec<_> = off
-            .refresh(inv.snapshot(), tel.connection_meta())
+            .refresh(inv.snapshot(), tel.store().connections())
             .map(as_map)
             .collect();
         assert_eq!(points.len(), 5);
@@ -622,7 +622,7 @@ mod tests {
         };
         let mut on = InfoPoints::new("n", opt);
         let points: Vec<_> = on
-            .refresh(inv.snapshot(), tel.connection_meta())
+            .refresh(inv.snapshot(), tel.store().connections())
             .map(as_map)
             .collect();
         let get = |name, key| attr_of(&points, name, key);
@@ -656,18 +656,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn connection_table_is_shared_until_it_changes() {
-        let tel = Telemetry::new();
-        tel.add_connection(1, "a", None, None);
-        let a = tel.connection_meta();
-        assert!(Arc::ptr_eq(&a, &tel.connection_meta()));
-        tel.count_reconnect(1);
-        let b = tel.connection_meta();
-        assert!(!Arc::ptr_eq(&a, &b));
-        assert_eq!((a[&1].reconnects, b[&1].reconnects), (0, 1));
-    }
-
     fn stop(inv: &mut Inventory, conn: ConnId, uuid: &str, id: u32, name: &str) {
         let dom = DomainRef {
             uuid: uuid.into(),
@@ -681,9 +669,9 @@ mod tests {
     fn colliding_domains_are_one_series_until_the_last_of_them_stops() {
         // Two daemons on one host, each with a domain of the same name.
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None, None);
-        tel.add_connection(2, "qemu:///session", None, None);
+        let tel = Owner::new();
+        tel.add(1, "qemu:///system", None, None);
+        tel.add(2, "qemu:///session", None, None);
         start(&mut inv, 1, "u-1", 1, "ns_web", true);
         start(&mut inv, 2, "u-2", 1, "ns_web", true);
         start(&mut inv, 2, "u-3", 2, "ns_db", true);
@@ -719,8 +707,8 @@ mod tests {
     #[test]
     fn sets_beyond_the_cardinality_limit_are_counted_in_observation_order() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "a", None, None);
+        let tel = Owner::new();
+        tel.add(1, "a", None, None);
         for i in 0..5 {
             start(
                 &mut inv,
@@ -752,11 +740,11 @@ mod tests {
     #[test]
     fn a_flooding_socket_cannot_push_another_pods_vm_over_the_cardinality_limit() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
+        let tel = Owner::new();
         // Connection 1 comes first in snapshot order: without its own bound, its five domains
         // would take every one of the three sets the cardinality limit allows.
-        tel.add_connection(1, "flood", Some("pod-flood".into()), Some(2));
-        tel.add_connection(2, "healthy", Some("pod-ok".into()), Some(2));
+        tel.add(1, "flood", Some("pod-flood".into()), Some(2));
+        tel.add(2, "healthy", Some("pod-ok".into()), Some(2));
         for i in 0..5 {
             start(
                 &mut inv,
@@ -802,8 +790,8 @@ mod tests {
     #[test]
     fn connections_without_a_domain_limit_are_bounded_only_by_the_cardinality_limit() {
         let mut inv = Inventory::new();
-        let tel = Telemetry::new();
-        tel.add_connection(1, "qemu:///system", None, None);
+        let tel = Owner::new();
+        tel.add(1, "qemu:///system", None, None);
         for i in 0..6 {
             start(
                 &mut inv,

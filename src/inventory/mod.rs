@@ -253,7 +253,7 @@ fn request_fetch(state: &mut ConnState, conn: ConnId, dom: DomainRef, seq: u64) 
     }
 }
 
-/// The inventory. Single writer; wrap it in a mutex to share.
+/// The inventory. Its owner (src/state/mod.rs) is the one writer and publishes its snapshots.
 #[derive(Debug, Default)]
 pub struct Inventory {
     /// Ordered by connection id (see `domains`).
@@ -263,7 +263,6 @@ pub struct Inventory {
     retired: BTreeSet<ConnId>,
     seq: u64,
     version: u64,
-    cached: Option<Arc<Snapshot>>,
 }
 
 impl Inventory {
@@ -278,7 +277,6 @@ impl Inventory {
 
     fn changed(&mut self) {
         self.version += 1;
-        self.cached = None;
     }
 
     /// Start tracking a connection (idempotent).
@@ -546,11 +544,8 @@ impl Inventory {
         report
     }
 
-    /// The current exported state. Cheap when nothing changed since the last call.
-    pub fn snapshot(&mut self) -> Arc<Snapshot> {
-        if let Some(s) = &self.cached {
-            return Arc::clone(s);
-        }
+    /// The current exported state, built anew (its owner keeps it until the next change).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         // Both maps are ordered: this is already sorted by (connection, uuid).
         let domains: Vec<Arc<DomainRecord>> = self
             .conns
@@ -563,13 +558,11 @@ impl Inventory {
         for d in &domains {
             *counts.entry(d.hypervisor_type).or_default() += 1;
         }
-        let snap = Arc::new(Snapshot {
+        Arc::new(Snapshot {
             version: self.version,
             domains,
             counts,
-        });
-        self.cached = Some(Arc::clone(&snap));
-        snap
+        })
     }
 
     /// Number of resyncs begun and neither finished nor aborted (all connections). Zero whenever

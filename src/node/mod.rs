@@ -18,12 +18,10 @@ pub mod mshv;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
-use crate::export::Telemetry;
+use crate::state::{Owner, Telemetry};
+use crate::tasks::StopSignal;
 use kvm::KvmStatus;
 use mshv::MshvStatus;
 
@@ -131,30 +129,40 @@ pub fn probe_mshv(path: &Path) -> MshvStatus {
 
 /// Check KVM at `device` (normally [`kvm::KVM_DEVICE`], with the kernel's entry `sysfs` when it
 /// is absent: [`probe_kvm_node`]) now and then every `every` (`0`: only now) until `stop` turns
-/// true, publish the result through `telemetry`, and call `on_change` (the agent pushes an
-/// export) when it changes.
+/// true, and publish each change through `owner` (which pushes an export).
 pub async fn watch_kvm(
     device: PathBuf,
     sysfs: PathBuf,
-    telemetry: Arc<Telemetry>,
-    on_change: impl Fn() + Send,
+    owner: Owner,
     every: Duration,
-    stop: watch::Receiver<bool>,
+    stop: StopSignal,
 ) {
     let probe = move || probe_kvm_node(&device, &sysfs);
-    watch_with(probe, KVM_PROBE_TIMEOUT, &telemetry, on_change, every, stop).await
+    let on_change = || owner.touch();
+    watch_with(
+        probe,
+        KVM_PROBE_TIMEOUT,
+        owner.telemetry(),
+        on_change,
+        every,
+        stop,
+    )
+    .await
 }
 
 /// [`watch_kvm`] for the MSHV device at `device` (normally [`mshv::MSHV_DEVICE`]).
-pub async fn watch_mshv(
-    device: PathBuf,
-    telemetry: Arc<Telemetry>,
-    on_change: impl Fn() + Send,
-    every: Duration,
-    stop: watch::Receiver<bool>,
-) {
+pub async fn watch_mshv(device: PathBuf, owner: Owner, every: Duration, stop: StopSignal) {
     let probe = move || probe_mshv(&device);
-    watch_with(probe, KVM_PROBE_TIMEOUT, &telemetry, on_change, every, stop).await
+    let on_change = || owner.touch();
+    watch_with(
+        probe,
+        KVM_PROBE_TIMEOUT,
+        owner.telemetry(),
+        on_change,
+        every,
+        stop,
+    )
+    .await
 }
 
 /// [`watch_kvm`] or [`watch_mshv`] with the probe and its timeout given (tests).
@@ -164,7 +172,7 @@ async fn watch_with<S, P>(
     telemetry: &Telemetry,
     on_change: impl Fn(),
     every: Duration,
-    mut stop: watch::Receiver<bool>,
+    mut stop: StopSignal,
 ) where
     S: Capability,
     P: Fn() -> S + Clone + Send + 'static,
@@ -177,7 +185,7 @@ async fn watch_with<S, P>(
         let handle = pending.get_or_insert_with(|| tokio::task::spawn_blocking(probe.clone()));
         let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, &mut *handle) => r,
-            _ = stop.changed() => return,
+            _ = stop.stopped() => return,
         };
         let status = match outcome {
             Ok(joined) => {
@@ -205,12 +213,12 @@ async fn watch_with<S, P>(
         }
         if every.is_zero() {
             // Nothing more to do; stay until stopped, like the other tasks.
-            let _ = stop.changed().await;
+            stop.stopped().await;
             return;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            _ = stop.stopped() => return,
         }
     }
 }
@@ -237,7 +245,7 @@ mod tests {
 
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     /// A probe that answers `script` in turn, then repeats its last answer; counts its calls.
     #[derive(Clone)]
@@ -284,7 +292,7 @@ mod tests {
 
     /// `watch_with` on its own task, with probe timeout `timeout` and interval `every`.
     struct Watching {
-        stop: watch::Sender<bool>,
+        stop: crate::tasks::Stop,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -296,7 +304,7 @@ mod tests {
             timeout: Duration,
             every: Duration,
         ) -> Self {
-            let (stop, stop_rx) = watch::channel(false);
+            let (stop, stop_rx) = crate::tasks::Stop::new();
             let (tel, probe) = (Arc::clone(tel), s.probe());
             let task = tokio::spawn(async move {
                 watch_with(probe, timeout, &tel, on_change, every, stop_rx).await
@@ -306,7 +314,7 @@ mod tests {
 
         /// Tell the task to stop; it must end within 10 s.
         async fn stop(self) {
-            self.stop.send(true).unwrap();
+            self.stop.stop(std::time::Instant::now());
             tokio::time::timeout(Duration::from_secs(10), self.task)
                 .await
                 .expect("the task ends when stopped")
@@ -396,25 +404,24 @@ mod tests {
             (dir.path().join("absent"), false),
             (regular, false),
         ] {
-            let tel = Arc::new(Telemetry::new());
-            let (stop, stop_rx) = watch::channel(false);
-            let changes = Arc::new(AtomicUsize::new(0));
-            let counted = Arc::clone(&changes);
+            let owner = Owner::new();
+            let mut store = owner.store();
+            let (stop, stop_rx) = crate::tasks::Stop::new();
             let task = tokio::spawn(watch_mshv(
                 path.clone(),
-                Arc::clone(&tel),
-                move || {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                },
+                owner.clone(),
                 Duration::ZERO,
                 stop_rx,
             ));
+            let tel = owner.telemetry();
             eventually(|| tel.mshv_available().is_some()).await;
             assert_eq!(tel.mshv_available(), Some(available), "{path:?}");
-            assert_eq!(changes.load(Ordering::SeqCst), 1);
+            tokio::time::timeout(Duration::from_secs(10), store.changed())
+                .await
+                .expect("the result is pushed");
             // The KVM capability is its own.
             assert_eq!(tel.kvm_available(), None);
-            stop.send(true).unwrap();
+            stop.stop(std::time::Instant::now());
             task.await.unwrap();
         }
     }

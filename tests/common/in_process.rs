@@ -1,19 +1,16 @@
 //! The agent in-process, on its own runtime thread (one async worker, as the binary), so a test
-//! can read its inventory and telemetry directly. Dropping it stops the agent and joins the thread
+//! can read its state directly (through a store, as the export does). Dropping it stops the agent and joins the thread
 //! (within 30 s, else the test fails).
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virt_hypervisor_agent::agent::Agent;
 use virt_hypervisor_agent::config::AgentConfig;
-use virt_hypervisor_agent::export::Telemetry;
-use virt_hypervisor_agent::inventory::Inventory;
+use virt_hypervisor_agent::state::Store;
 
 #[derive(Debug)]
 pub struct InProcess {
-    pub inventory: Arc<Mutex<Inventory>>,
-    pub telemetry: Arc<Telemetry>,
+    pub store: Store,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -35,7 +32,7 @@ impl InProcess {
                 .expect("a tokio runtime");
             rt.block_on(async move {
                 let agent = Agent::new(cfg).expect("agent builds");
-                let _ = tx.send((agent.inventory(), agent.telemetry()));
+                let _ = tx.send(agent.store());
                 agent
                     .run(async {
                         let _ = stop_rx.await;
@@ -46,12 +43,11 @@ impl InProcess {
             // A daemon hung by a test may still hold a blocking thread: do not wait for it.
             rt.shutdown_background();
         });
-        let (inventory, telemetry) = rx
+        let store = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("the agent started");
         InProcess {
-            inventory,
-            telemetry,
+            store,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
