@@ -161,6 +161,38 @@ fn libvirt_transport(uri: &str) -> Result<Option<u16>, String> {
 }
 
 impl Plan {
+    /// Whether this plan, already applied, allows everything `other` needs (a reloaded
+    /// configuration's plan); `Err` names the first access it does not.
+    pub fn covers(&self, other: &Plan) -> Result<(), String> {
+        if self.off.is_some() {
+            return Ok(());
+        }
+        let under = |path: &PathBuf, allowed: &[&Vec<PathBuf>]| {
+            allowed
+                .iter()
+                .any(|set| set.iter().any(|a| path.starts_with(a)))
+        };
+        for path in &other.read {
+            if !under(path, &[&self.read, &self.read_exec]) {
+                return Err(format!("read access to {}", path.display()));
+            }
+        }
+        for path in &other.list {
+            if !under(path, &[&self.list, &self.read]) {
+                return Err(format!("listing {}", path.display()));
+            }
+        }
+        if let (Some(allowed), Some(wanted)) = (&self.tcp_connect, &other.tcp_connect) {
+            if let Some(port) = wanted.iter().find(|p| !allowed.contains(p)) {
+                return Err(format!("TCP connections to port {port}"));
+            }
+        }
+        if let Some(port) = other.tcp_bind.iter().find(|p| !self.tcp_bind.contains(p)) {
+            return Err(format!("binding TCP port {port}"));
+        }
+        Ok(())
+    }
+
     /// The accesses the agent needs with `cfg`, exporting to `endpoint` (`None`: no network
     /// export) with the TLS files `tls`.
     pub fn for_config(
@@ -193,7 +225,7 @@ impl Plan {
         plan.tcp_connect = Some(ports);
         plan.tcp_bind.extend(cfg.health.addr().map(|a| a.port()));
         plan.read = SYSTEM_FILES.iter().map(PathBuf::from).collect();
-        plan.read.extend(config_file.map(Path::to_path_buf));
+        plan.read.extend(config_file.map(config_dir));
         plan.read.extend(tls.iter().cloned());
         if let Some(home) = std::env::var_os("HOME") {
             plan.read.push(Path::new(&home).join(".config/libvirt"));
@@ -217,6 +249,26 @@ impl Plan {
             }
         }
         plan
+    }
+}
+
+/// Directories shared by the whole system: a configuration file in one of them is allowed on its
+/// own, not with its neighbours.
+const SHARED_DIRS: &[&str] = &[
+    "/", "/etc", "/usr", "/var", "/tmp", "/run", "/root", "/home", "/opt",
+];
+
+/// What to allow for reading the configuration file: its directory, so that a reload reads the
+/// file that an editor or a ConfigMap update put in its place (a new inode, which a rule on the
+/// old file would not cover), unless that directory is shared by the whole system.
+fn config_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(dir)
+            if !dir.as_os_str().is_empty() && !SHARED_DIRS.iter().any(|d| dir == Path::new(d)) =>
+        {
+            dir.to_path_buf()
+        }
+        _ => file.to_path_buf(),
     }
 }
 
@@ -336,7 +388,7 @@ mod tests {
         );
         assert_eq!(with_health.tcp_connect, Some(vec![4317]));
         for p in [
-            "/etc/virt-hypervisor-agent/config.yaml",
+            "/etc/virt-hypervisor-agent",
             "/etc/vha/ca.pem",
             "/tmp/node.xml",
             "/etc/machine-id",
@@ -358,6 +410,52 @@ mod tests {
         let mut cfg = AgentConfig::default();
         cfg.security.landlock = false;
         assert!(Plan::for_config(&cfg, None, None, &[]).off.is_some());
+    }
+
+    #[test]
+    fn the_config_files_directory_is_readable_unless_it_is_shared() {
+        let dir = |f: &str| config_dir(Path::new(f));
+        assert_eq!(
+            dir("/etc/virt-hypervisor-agent/config.yaml"),
+            PathBuf::from("/etc/virt-hypervisor-agent")
+        );
+        assert_eq!(dir("/etc/vha.yaml"), PathBuf::from("/etc/vha.yaml"));
+        assert_eq!(dir("/tmp/vha.yaml"), PathBuf::from("/tmp/vha.yaml"));
+        assert_eq!(dir("vha.yaml"), PathBuf::from("vha.yaml"));
+    }
+
+    #[test]
+    fn a_reload_is_covered_only_by_what_the_running_plan_allows() {
+        let cfg = AgentConfig::default();
+        let file = Path::new("/etc/virt-hypervisor-agent/config.yaml");
+        let running = Plan::for_config(&cfg, Some(file), Some("http://c:4317"), &[]);
+        assert_eq!(running.covers(&running.clone()), Ok(()));
+        let other_port = Plan::for_config(&cfg, Some(file), Some("http://c:4318"), &[]);
+        assert_eq!(
+            running.covers(&other_port),
+            Err("TCP connections to port 4318".into())
+        );
+        let new_ca = Plan::for_config(
+            &cfg,
+            Some(file),
+            Some("http://c:4317"),
+            &[PathBuf::from("/srv/ca.pem")],
+        );
+        assert_eq!(
+            running.covers(&new_ca),
+            Err("read access to /srv/ca.pem".into())
+        );
+        let ca_next_to_config = Plan::for_config(
+            &cfg,
+            Some(file),
+            Some("http://c:4317"),
+            &[PathBuf::from("/etc/virt-hypervisor-agent/ca.pem")],
+        );
+        assert_eq!(running.covers(&ca_next_to_config), Ok(()));
+        let mut health = cfg.clone();
+        health.health.listen = Some("127.0.0.1:9000".into());
+        let bind = Plan::for_config(&health, Some(file), Some("http://c:4317"), &[]);
+        assert_eq!(running.covers(&bind), Err("binding TCP port 9000".into()));
     }
 
     #[test]

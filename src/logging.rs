@@ -150,6 +150,18 @@ pub fn init(cfg: &AgentConfig) {
     }
 }
 
+/// An error and its sources, on one line (`outer: inner: root`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use tokio::sync::mpsc;
 use virt_hypervisor_agent::agent;
 use virt_hypervisor_agent::config::{self, AgentConfig, LoadOptions};
-use virt_hypervisor_agent::logging::{self, escape_control as esc};
+use virt_hypervisor_agent::confine::Plan;
+use virt_hypervisor_agent::logging::{self, error_chain, escape_control as esc};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,16 +155,15 @@ fn main() -> ExitCode {
                 let default = std::path::Path::new(config::DEFAULT_CONFIG_PATH);
                 default.exists().then(|| default.to_path_buf())
             });
-            confine_self(&cfg, config_file.as_deref());
-            run(cfg)
+            let confined = confine_self(&cfg, config_file.as_deref());
+            run(cfg, opts, confined, config_file)
         }
     }
 }
 
-/// Confine the process with Landlock (src/confine.rs) before any thread or connection exists,
-/// and say what that achieved.
-fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) {
-    use virt_hypervisor_agent::confine::{self, Plan, Status};
+/// What Landlock must allow for `cfg` (its export endpoint and TLS files resolved as the
+/// exporter resolves them).
+fn confinement_plan(cfg: &AgentConfig, config_file: Option<&std::path::Path>) -> Plan {
     let (endpoint, tls) = match cfg.export.exporter {
         config::ExporterKind::Otlp => {
             let s = virt_hypervisor_agent::export::otlp::Settings::resolve(&cfg.export);
@@ -171,10 +172,18 @@ fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) {
         }
         config::ExporterKind::Stdout | config::ExporterKind::None => (None, Vec::new()),
     };
-    let plan = Plan::for_config(cfg, config_file, endpoint.as_deref(), &tls);
-    match confine::apply(&plan) {
+    Plan::for_config(cfg, config_file, endpoint.as_deref(), &tls)
+}
+
+/// Confine the process with Landlock (src/confine.rs) before any thread or connection exists,
+/// and say what that achieved; the plan in force, if any.
+fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) -> Option<Plan> {
+    use virt_hypervisor_agent::confine::{self, Status};
+    let plan = confinement_plan(cfg, config_file);
+    let status = confine::apply(&plan);
+    match status {
         Status::Full => tracing::info!(
-            tcp_ports = ?plan.tcp_connect.unwrap_or_default(),
+            tcp_ports = ?plan.tcp_connect.clone().unwrap_or_default(),
             "confined with Landlock: read-only access to the files the agent needs, directory \
              listing under the discovery roots, no file writes, TCP only to the export port"
         ),
@@ -191,6 +200,7 @@ fn confine_self(cfg: &AgentConfig, config_file: Option<&std::path::Path>) {
             "Landlock confinement is off"
         ),
     }
+    matches!(status, Status::Full | Status::Partial).then_some(plan)
 }
 
 /// The configuration loaded, but set keys that are obsolete and ignored.
@@ -253,7 +263,14 @@ fn runtime(cfg: &AgentConfig) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn run(cfg: AgentConfig) -> ExitCode {
+/// Run the agent; `load` re-reads the configuration at SIGHUP, `confined` is the Landlock plan
+/// in force (reloads must stay within it).
+fn run(
+    cfg: AgentConfig,
+    load: LoadOptions,
+    confined: Option<Plan>,
+    config_file: Option<PathBuf>,
+) -> ExitCode {
     let rt = match runtime(&cfg) {
         Ok(rt) => rt,
         Err(e) => {
@@ -261,7 +278,15 @@ fn run(cfg: AgentConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(agent::run(cfg, shutdown_signal()));
+    let (tx, configs) = mpsc::channel(1);
+    let reloads = agent::reload::Reloads {
+        configs,
+        allowed: Box::new(move |cfg| match &confined {
+            Some(applied) => applied.covers(&confinement_plan(cfg, config_file.as_deref())),
+            None => Ok(()),
+        }),
+    };
+    let result = rt.block_on(agent::run_with_reloads(cfg, signals(load, tx), reloads));
     // The agent finished within its shutdown deadline; blocking threads still stuck on a hung
     // daemon must not hold the exit hostage.
     rt.shutdown_background();
@@ -274,30 +299,39 @@ fn run(cfg: AgentConfig) -> ExitCode {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP all stop the agent cleanly (final flush, exit 0). SIGHUP is not
-/// a reload: the configuration is read once at start, and a reload that kept unchanged
-/// connections would need the connection registry to diff against; until then, a stop that
-/// a supervisor restarts (systemd, the DaemonSet) applies a new configuration with no half
-/// state. Without a handler, SIGHUP killed the agent with no flush and no log line.
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT stop the agent cleanly (final flush, exit 0). SIGHUP reloads: the
+/// configuration is read again (file, environment and the same command-line flags) and
+/// validated on a blocking thread; an invalid one is logged with its key and the running
+/// configuration stays, a valid one goes to the agent, which applies it (src/agent/reload.rs).
+async fn signals(load: LoadOptions, reloads: mpsc::Sender<AgentConfig>) {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     let hup = signal(SignalKind::hangup());
-    match (term, int, hup) {
-        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-                _ = hup.recv() => tracing::info!(
-                    "SIGHUP received: stopping as for SIGTERM (the configuration is read at start; \
-                     restart the agent to apply a change)"
-                ),
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (term, int, hup) else {
+        tracing::warn!("cannot install signal handlers; falling back to Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!("SIGTERM received"),
+            _ = int.recv() => return tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                let opts = load.clone();
+                match tokio::task::spawn_blocking(move || config::load_with_warnings(&opts)).await {
+                    Ok(Ok(loaded)) => {
+                        warn_config(&loaded.warnings);
+                        let _ = reloads.send(loaded.config).await;
+                    }
+                    Ok(Err(e)) => tracing::error!(
+                        "configuration not reloaded: {}; the running configuration is kept",
+                        error_chain(&e)
+                    ),
+                    Err(e) => tracing::error!(error = %e, "configuration not reloaded: reading it failed"),
+                }
             }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; falling back to Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -346,15 +380,4 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -727,21 +727,6 @@ fn run_until_then_signal(args: &[&str], until: &str, signal: &str) -> (Option<i3
 }
 
 #[test]
-fn sighup_stops_the_agent_cleanly_and_says_so() {
-    let (code, log) = run_until_then_signal(
-        &["--uri", &demo_uri(), "--exporter", "none", "run"],
-        "initial sync done",
-        "-HUP",
-    );
-    assert_eq!(code, Some(0), "{log}");
-    assert!(
-        log.contains("SIGHUP received: stopping as for SIGTERM"),
-        "{log}"
-    );
-    assert!(log.contains("stopped"), "{log}");
-}
-
-#[test]
 fn initial_sync_says_which_connections_are_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let missing = format!(

@@ -6,6 +6,7 @@ pub mod call;
 pub mod connection;
 pub mod once;
 pub mod registry;
+pub mod reload;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,15 @@ pub async fn run(
     Agent::new(cfg)?.run(shutdown).await
 }
 
+/// [`run`], applying every configuration received on `reloads` (see [`reload`]).
+pub async fn run_with_reloads(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    reloads: reload::Reloads,
+) -> Result<(), AgentError> {
+    Agent::new(cfg)?.serve(shutdown, Some(reloads)).await
+}
+
 /// One shutdown deadline, split once: the connections (and discovery) close by 40 % of it, the
 /// event loop stops by 50 %, and the last export and the meter provider's shutdown get the rest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +154,15 @@ impl Agent {
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
+        self.serve(shutdown, None).await
+    }
+
+    /// Run until `shutdown` resolves, applying the configurations received on `reloads`.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        reloads: Option<reload::Reloads>,
+    ) -> Result<(), AgentError> {
         let Agent {
             shared,
             exporter,
@@ -169,11 +188,15 @@ impl Agent {
         let mut registry = Registry::new(Arc::clone(&shared));
         let mut helpers = JoinSet::new();
         let mut first_syncs = Vec::new();
+        // The explicit connections by URI, for reloads.
+        let mut explicit: HashMap<String, ConnId> = HashMap::new();
         for uri in &cfg.libvirt.uris {
             let (tx, rx) = oneshot::channel();
             first_syncs.push(rx);
-            registry.add(NewConnection::uri(uri), Some(tx));
+            explicit.insert(uri.clone(), registry.add(NewConnection::uri(uri), Some(tx)));
         }
+        let mut running = (*cfg).clone();
+        let mut reloads = reloads.unwrap_or_else(reload::Reloads::none);
         let (changes_tx, mut changes) = mpsc::channel(DISCOVERY_BACKLOG);
         if cfg.libvirt.discover.enabled {
             let discover = cfg.libvirt.discover.clone();
@@ -286,13 +309,16 @@ impl Agent {
                         );
                     }
                 },
+                Some(new) = reloads.configs.recv() => {
+                    running = reload::apply(&running, new, &reloads, &exporter, &mut registry, &mut explicit);
+                }
                 _ = registry.reap() => {}
             }
         }
 
         tracing::info!("shutting down");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        let plan = ShutdownPlan::new(Instant::now(), cfg.export.shutdown_timeout);
+        let plan = ShutdownPlan::new(Instant::now(), running.export.shutdown_timeout);
         stop.stop(plan.connections);
         tokio::join!(
             registry.shutdown(plan.connections),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod diff;
 mod error;
 pub mod limits;
 pub mod load;

@@ -268,7 +268,10 @@ impl Exporter {
         pipe.timing.send_modify(|t| t.debounce = debounce);
         let mut timing_rx = pipe.timing.subscribe();
         Some(tokio::spawn(async move {
-            let Timing { mut interval, mut debounce } = *timing_rx.borrow_and_update();
+            let Timing {
+                mut interval,
+                mut debounce,
+            } = *timing_rx.borrow_and_update();
             let mut tick = periodic(interval);
             let mut retry_delay = RETRY_FIRST;
             let mut retry_at: Option<tokio::time::Instant> = None;
