@@ -18,7 +18,7 @@
 #
 # What it does: installs what is missing (scripts/setup.sh, the peer prometheus-libvirt-exporter,
 # curl), builds the agent in release mode, runs the parser criterion bench, the simulated scale bench
-# and the live bench (benches/suite.rs), then the report. Nothing here asserts on time. The idle
+# and the live bench (bench/suite.rs), then the report. Nothing here asserts on time. The idle
 # windows also measure the floor of any event-driven client, `virsh event --all --loop`.
 #
 # The live bench runs against a private libvirt daemon by default (BENCH_DAEMON=private): a session
