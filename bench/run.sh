@@ -10,7 +10,10 @@
 #                                of starts/stops through collector -> Prometheus 2.42, Prometheus 3 OTLP
 #                                and the peer; fleet cost (bytes, requests, collector CPU per agent).
 #                                Prints the tables, writes bench/out/promql-visibility.json and
-#                                fleet-cost.json (tests/bench_promql.rs).
+#                                fleet-cost.json (bench/bench_promql.rs).
+#   bash bench/run.sh --kubevirt only the KubeVirt-scale benchmark (bench/scale_kubevirt.rs,
+#                                bench/kubevirt-scale.md): 50 session-daemon pods watched by one
+#                                agent; VHA_SCALE_PODS and VHA_SCALE_CYCLES change its size.
 #
 # Environment (optional): BENCH_SIZES (idle N list, default 10,50,100), BENCH_IDLE_SECS (60),
 # BENCH_TRANSITIONS (100), BENCH_PEER_TRANSITIONS (50), BENCH_SCRAPE_SECS (15), BENCH_SYNC_RUNS (5),
@@ -18,7 +21,7 @@
 #
 # What it does: installs what is missing (scripts/setup.sh, the peer prometheus-libvirt-exporter,
 # curl), builds the agent in release mode, runs the parser criterion bench, the simulated scale bench
-# and the live bench (benches/suite.rs), then the report. Nothing here asserts on time. The idle
+# and the live bench (bench/suite.rs), then the report. Nothing here asserts on time. The idle
 # windows also measure the floor of any event-driven client, `virsh event --all --loop`.
 #
 # The live bench runs against a private libvirt daemon by default (BENCH_DAEMON=private): a session
@@ -39,8 +42,9 @@ for arg in "$@"; do
     --write) WRITE=1 ;;
     --report) MODE=report ;;
     --promql) MODE=promql ;;
+    --kubevirt) MODE=kubevirt ;;
     -h | --help)
-        sed -n "2,28p" "$0"
+        sed -n '2,/^[^#]/{/^#/p}' "$0"
         exit 0
         ;;
     *)
@@ -117,6 +121,14 @@ fi
 
 log "packages"
 bash scripts/setup.sh
+
+if [[ $MODE == kubevirt ]]; then
+    # The pods' session daemons and the agent are started by the test itself and stopped by PID.
+    log "KubeVirt scale: cargo test --release --bench scale_kubevirt -- --ignored --nocapture"
+    cargo test --release -q --bench scale_kubevirt -- --ignored --nocapture
+    exit 0
+fi
+
 need=()
 for pkg in prometheus-libvirt-exporter curl; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == "install ok installed" ]] || need+=("$pkg")
@@ -135,8 +147,8 @@ fi
 if [[ $MODE == promql ]]; then
     # Private session daemon, collector and both Prometheus versions are started by the test itself
     # (and stopped by PID); one test at a time so that the two benchmarks never share the CPU.
-    log "PromQL benchmarks: cargo test --release --test bench_promql -- --ignored --nocapture --test-threads=1"
-    VHA_BENCH_OUT=$OUT cargo test --release -q --test bench_promql -- --ignored --nocapture --test-threads=1
+    log "PromQL benchmarks: cargo test --release --bench bench_promql -- --ignored --nocapture --test-threads=1"
+    VHA_BENCH_OUT=$OUT cargo test --release -q --bench bench_promql -- --ignored --nocapture --test-threads=1
     exit 0
 fi
 

@@ -15,8 +15,8 @@
 //!   (utime + stime) per transition.
 //!
 //! The agent exports with a 30 s interval and a 250 ms debounce: only push on change explains a change
-//! seen within a second. Run by hand (it is ignored in CI):
-//! `cargo test --release --test scale_kubevirt -- --ignored --nocapture`.
+//! seen within a second. Run by hand (it is ignored in CI): `bash bench/run.sh --kubevirt`, or
+//! `cargo test --release --bench scale_kubevirt -- --ignored --nocapture`.
 //! `VHA_SCALE_PODS` (default 50) and `VHA_SCALE_CYCLES` (default 50: 2 transitions each) override.
 #![allow(clippy::unwrap_used)]
 

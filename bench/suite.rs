@@ -11,33 +11,26 @@
 //! simulated path and asserts nothing about time.
 //!
 //! The modules live in `bench/suite/`; the libvirt session daemon and the OTLP receiver are the
-//! integration tests' own (`tests/common/`).
+//! integration tests' own (`tests/common/`, through `bench/common.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-/// The dev-only helpers the benchmarks share with the integration tests: the private libvirt
-/// session daemon and the OTLP receiver.
-#[allow(dead_code)]
-#[path = "../tests/common"]
-mod common {
-    pub mod libvirt;
-    pub mod receiver;
-    pub mod session;
+mod common;
+
+/// The suite's modules, in `bench/suite/`.
+mod suite {
+    pub mod live;
+    pub mod report;
+    pub mod scale;
+    pub mod sink;
+    #[allow(unsafe_code)]
+    pub mod util;
 }
-#[path = "../bench/suite/live.rs"]
-mod live;
-#[path = "../bench/suite/report.rs"]
-mod report;
-#[path = "../bench/suite/scale.rs"]
-mod scale;
-#[path = "../bench/suite/sink.rs"]
-mod sink;
-#[allow(unsafe_code)]
-#[path = "../bench/suite/util.rs"]
-mod util;
+
+use suite::{live, report, scale, sink, util};
 
 struct Args(Vec<String>);
 

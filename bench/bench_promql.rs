@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! bash bench/run.sh --promql            # installs the peer if missing, then runs both
-//! cargo test --release --test bench_promql -- --ignored --nocapture --test-threads=1
+//! cargo test --release --bench bench_promql -- --ignored --nocapture --test-threads=1
 //! ```
 //!
 //! **`promql_visibility`**: time from `virsh start` / `virsh destroy` returning to the change being
@@ -333,7 +333,7 @@ fn secs(v: Option<f64>) -> String {
 }
 
 #[test]
-#[ignore = "benchmark (minutes): cargo test --release --test bench_promql -- --ignored --nocapture --test-threads=1"]
+#[ignore = "benchmark (minutes): cargo test --release --bench bench_promql -- --ignored --nocapture --test-threads=1"]
 fn promql_visibility() {
     session_daemons_available().expect("a private libvirt session daemon is needed");
     require_peer();
@@ -807,7 +807,7 @@ struct Probe {
 }
 
 #[test]
-#[ignore = "benchmark (minutes): cargo test --release --test bench_promql -- --ignored --nocapture --test-threads=1"]
+#[ignore = "benchmark (minutes): cargo test --release --bench bench_promql -- --ignored --nocapture --test-threads=1"]
 fn fleet_cost() {
     let agents = env_num("VHA_BENCH_FLEET_AGENTS", 20) as usize;
     let vms = env_num("VHA_BENCH_FLEET_VMS", 100) as usize;
