@@ -21,6 +21,10 @@
 #      and again with the receiver gone (the final export fails, the stop must not hang);
 #   6. an unknown key edited into /etc/virt-hypervisor-agent/config.yaml -> the start fails and
 #      `journalctl -u` names the key; with the file fixed, the unit starts again;
+#   6b. systemctl reload (SIGHUP): an invalid file is refused (journal names the key) and the unit
+#      keeps running; a valid one that swaps qemu:///system for test:///default drops the TCG
+#      domain's series and brings the test driver's (and the 2 s export interval it sets), with
+#      the same PID and no restart, and the restored file brings the domain back;
 #   7. upgrade to revision 2 of the package: the service is restarted (new PID, new version) and the
 #      locally edited config is kept byte for byte;
 #   8. `systemd-analyze security` of the installed unit in the booted system <= MAX_EXPOSURE (2.0);
@@ -363,6 +367,48 @@ check_bad_config() {
     node_log "config fixed: active again, series back"
 }
 
+check_reload() {
+    local cfg=/etc/virt-hypervisor-agent/config.yaml key=vha_ci_reload_key pid0 restarts0 cursor mark t0
+    pid0=$(prop MainPID) restarts0=$(prop NRestarts)
+    ct cp -p "$cfg" /root/config.yaml.orig
+    # Invalid: refused, logged with the key, still running.
+    ct sh -c "printf '%s: true\n' $key >>$cfg"
+    cursor=$(ct journalctl -q -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
+    ct systemctl reload "$UNIT" || node_fail "systemctl reload failed"
+    refused() { ct journalctl -q -u "$UNIT" --after-cursor="$cursor" --no-pager | grep 'configuration not reloaded' | grep -q "$key"; }
+    wait_for 10 "'configuration not reloaded' naming $key in the journal" refused
+    [[ $(prop ActiveState) == active && $(prop MainPID) == "$pid0" ]] || node_fail "an invalid reload stopped the unit"
+    node_log "reload, invalid file: refused, journal: $(ct journalctl -q -u "$UNIT" --after-cursor="$cursor" --no-pager | grep -m1 'configuration not reloaded' | cut -c1-200)"
+    # Valid: qemu:///system out, test:///default in, and exports every 2 s instead of the
+    # drop-in's 60 s (sed -i: a new file, as editors write it).
+    ct cp -p /root/config.yaml.orig "$cfg"
+    ct sed -i 's|^    - qemu:///system$|    - test:///default|; s|^  # interval: 30s$|  interval: 2s|' "$cfg"
+    ct grep -q '^    - test:///default$' "$cfg" || node_fail "the URI edit did not apply"
+    ct grep -q '^  interval: 2s$' "$cfg" || node_fail "the interval edit did not apply"
+    mark=$(log_mark)
+    t0=$(now)
+    ct systemctl reload "$UNIT" || node_fail "systemctl reload failed"
+    wait_points "$SERIES_BOUND" "$mark" --metric kubevirt_vmi_hypervisor_info --attr name=test \
+        --attr "node=$NODE" >/dev/null || node_fail "test:///default's domain not exported after the reload"
+    local added_s after
+    added_s=$(since "$t0")
+    # In the next (periodic, 2 s) export, the TCG domain of qemu:///system is not among the series.
+    after=$(log_mark)
+    wait_points "$SERIES_BOUND" "$after" --metric kubevirt_vmi_hypervisor_info --attr name=test >/dev/null ||
+        node_fail "no export after the reload"
+    (($(points "$after" --metric kubevirt_vmi_hypervisor_info --attr "name=$SYS_DOMAIN") == 0)) ||
+        node_fail "$SYS_DOMAIN still exported after its URI was removed"
+    series_vmi "$after" >/dev/null || node_fail "the launcher's VMI was dropped by a reload that did not touch it"
+    [[ $(prop MainPID) == "$pid0" && $(prop NRestarts) == "$restarts0" ]] || node_fail "the reload restarted the agent"
+    # Restored: the domain is back.
+    ct cp -p /root/config.yaml.orig "$cfg"
+    mark=$(log_mark)
+    ct systemctl reload "$UNIT" || node_fail "systemctl reload failed"
+    series_sys "$mark" >/dev/null || node_fail "$SYS_DOMAIN not back after the URI was restored"
+    [[ $(prop MainPID) == "$pid0" ]] || node_fail "the reload restarted the agent"
+    node_log "reload, URI swapped: test:///default exported ${added_s}s after systemctl reload, $SYS_DOMAIN gone, VMI kept; restored: back; same PID $pid0, NRestarts $restarts0"
+}
+
 check_upgrade() {
     local cfg=/etc/virt-hypervisor-agent/config.yaml pid0 sum0 mark t0
     # A local edit, as an operator would make it.
@@ -447,6 +493,7 @@ timed "privileges of the running process" check_hardening
 timed "watchdog (SIGSTOP)" check_watchdog
 timed "systemctl stop" check_stop
 timed "bad config, then fixed" check_bad_config
+timed "systemctl reload" check_reload
 timed "upgrade keeps the edited config" check_upgrade
 timed "systemd-analyze security (installed)" check_security
 receiver_kind=$RECEIVER_KIND
