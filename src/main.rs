@@ -344,7 +344,7 @@ fn inventory(cfg: &AgentConfig, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let node = agent::resolve_node_name(cfg);
+    let node = virt_hypervisor_agent::node::name(cfg);
     let result = rt.block_on(agent::once::inventory_once(cfg));
     rt.shutdown_background();
     let found = match result {

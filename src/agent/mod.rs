@@ -55,17 +55,6 @@ pub struct Shared {
     pub wants: Wants,
 }
 
-/// The node name: config, else `NODE_NAME`, else the host name.
-pub fn resolve_node_name(cfg: &AgentConfig) -> String {
-    if !cfg.node_name.trim().is_empty() {
-        return cfg.node_name.trim().to_string();
-    }
-    match std::env::var("NODE_NAME") {
-        Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
-        _ => crate::export::resource::host_name(),
-    }
-}
-
 /// What the XML parser must read for the configured attributes.
 pub fn wants(cfg: &AgentConfig) -> Wants {
     let a = &cfg.metric.attributes;
@@ -127,7 +116,7 @@ impl Agent {
         // Acquired first (before any connection opens) and released on every error path.
         let events = event_loop::acquire()?;
         let cfg = Arc::new(cfg);
-        let node = resolve_node_name(&cfg);
+        let node = crate::node::name(&cfg);
         let owner = Owner::new();
         let exporter = Exporter::start(&cfg, &node, owner.store())?;
         let shared = Arc::new(Shared {

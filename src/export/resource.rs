@@ -20,7 +20,7 @@ pub fn build(node: &str) -> Resource {
         }
         from_env.get(&Key::from(k.to_string())).is_some()
     };
-    let host = host_name();
+    let host = crate::node::host_name();
     let mut ours = vec![
         KeyValue::new("service.name", SERVICE_NAME),
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
@@ -39,17 +39,12 @@ pub fn build(node: &str) -> Resource {
     builder.build()
 }
 
-/// The host name, as the kernel reports it.
-pub fn host_name() -> String {
-    gethostname::gethostname().to_string_lossy().into_owned()
-}
-
 /// A stable id for this agent instance: derived from `/etc/machine-id` (never exported raw, as
 /// systemd recommends) and the node name, formatted as a UUID. Falls back to the host name.
 pub fn instance_id(node: &str) -> String {
     let machine = std::fs::read_to_string("/etc/machine-id")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| host_name());
+        .unwrap_or_else(|_| crate::node::host_name());
     let h = fnv1a128(format!("virt-hypervisor-agent\0{machine}\0{node}").as_bytes());
     let b = h.to_be_bytes();
     format!(
@@ -85,7 +80,7 @@ mod tests {
     fn resource_carries_the_contract_attributes() {
         let r = build("node-a");
         let get = |k: &str| r.get(&Key::from(k.to_string())).map(|v| v.to_string());
-        assert_eq!(get("host.name"), Some(host_name()));
+        assert_eq!(get("host.name"), Some(crate::node::host_name()));
         assert_eq!(get("k8s.node.name").as_deref(), Some("node-a"));
         assert!(get("service.instance.id").is_some());
         assert!(get("service.version").is_some());

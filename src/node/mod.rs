@@ -1,4 +1,4 @@
-//! Facts about the node itself, measured by the agent: whether it can run hardware-accelerated
+//! Facts about the node itself: its name ([`name`]), and whether it can run hardware-accelerated
 //! guests, on KVM (`virt_hypervisor_agent_node_kvm_available`) or on the Microsoft Hypervisor
 //! (`virt_hypervisor_agent_node_mshv_available`, KubeVirt's `hyperv-direct`).
 //!
@@ -24,6 +24,23 @@ use crate::state::{Owner, Telemetry};
 use crate::tasks::StopSignal;
 use kvm::KvmStatus;
 use mshv::MshvStatus;
+
+/// The node's name for the `node` attribute: `node_name` from the config, else `NODE_NAME`,
+/// else the host name.
+pub fn name(cfg: &crate::config::AgentConfig) -> String {
+    if !cfg.node_name.trim().is_empty() {
+        return cfg.node_name.trim().to_string();
+    }
+    match std::env::var("NODE_NAME") {
+        Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
+        _ => host_name(),
+    }
+}
+
+/// The host name, as the kernel reports it.
+pub fn host_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
 
 /// Bound on one probe (an open and an ioctl: microseconds, unless the device hangs).
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
