@@ -1529,3 +1529,452 @@ fn no_leaks() {
         "RSS grew by {rss_growth} KiB over {CYCLES} cycles"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Reloads under churn
+// ---------------------------------------------------------------------------------------------
+
+/// What one configuration file of `reload_under_churn` says: the daemons whose URI it lists and
+/// the export timing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChurnConfig {
+    daemons: std::collections::BTreeSet<usize>,
+    interval: &'static str,
+    debounce: &'static str,
+}
+
+impl ChurnConfig {
+    /// The YAML of this configuration (`invalid`: with a key that fails validation).
+    fn yaml(&self, uris: &[String], endpoint: &str, invalid: bool) -> String {
+        let mut y = format!("node_name: {NODE}\nlog:\n  level: info\nlibvirt:\n  uris:\n");
+        for d in &self.daemons {
+            let _ = writeln!(y, "    - '{}'", uris[*d]);
+        }
+        y.push_str(
+            "  keepalive_interval: 1s\n  keepalive_count: 2\n  reconnect:\n    \
+             initial_backoff: 200ms\n    max_backoff: 2s\n",
+        );
+        if invalid {
+            y.push_str("  fetch_timeout: 1ns\n");
+        }
+        let _ = write!(
+            y,
+            "export:\n  protocol: grpc\n  endpoint: {endpoint}\n  interval: {}\n  debounce: {}\n",
+            self.interval, self.debounce
+        );
+        y
+    }
+
+    /// Replace the file at `path` as an editor or a ConfigMap update does: a new file renamed
+    /// over it.
+    fn write(&self, path: &std::path::Path, uris: &[String], endpoint: &str, invalid: bool) {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, self.yaml(uris, endpoint, invalid)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+}
+
+/// SIGHUP reloads while domains churn on three session daemons: a seeded driver runs rounds of
+/// operations in parallel, and during each round the configuration file is replaced and the
+/// agent sent SIGHUP, alternately removing one daemon's URI and adding it back (some rounds also
+/// change `export.interval` or `export.debounce`; one file is invalid and must be refused). At
+/// every quiescent checkpoint the exported series equal exactly the truth of the daemons listed
+/// in the configuration in force, each of them is up and no removed one exported, a removed
+/// daemon's series got their staleness markers, the agent is the same process, and its log has
+/// exactly one reload line per SIGHUP.
+#[test]
+fn reload_under_churn() {
+    const TEST: &str = "reload_under_churn";
+    if !require_session_daemons(TEST) {
+        return;
+    }
+    const ROUNDS: usize = 14;
+    const MIN_OPS: usize = 150;
+    const DAEMONS: usize = 3;
+    /// The round whose SIGHUP carries an invalid file.
+    const INVALID_ROUND: usize = 6;
+    const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
+    let mut report = Report::new(TEST);
+    let seed_value = seed();
+    let seed = seed_value ^ 0x6;
+    let ops = Mutex::new(Vec::<String>::new());
+    let _guard = SeedGuard {
+        test: TEST,
+        seed: seed_value,
+        ops: &ops,
+    };
+    eprintln!("[{TEST}] seed {seed_value:#x} (set VHA_CHURN_SEED to change it)");
+
+    let ws = Workspace::new().expect("workspace for the session daemons");
+    let daemons: Vec<SessionDaemon> = (0..DAEMONS)
+        .map(|i| {
+            SessionDaemon::start(ws.path().join(format!("reload-{i}")))
+                .unwrap_or_else(|e| panic!("start daemon {i}: {e:#}"))
+        })
+        .collect();
+    let uris: Vec<String> = daemons.iter().map(SessionDaemon::uri).collect();
+    let base = unique_base();
+    let mut models: Vec<Model> = Vec::new();
+    for i in 0..DAEMONS {
+        for j in 0..4 {
+            models.push(Model {
+                dom: PoolDom::new(&base, &format!("h{i}{j}"), j >= 2, Virt::Qemu),
+                host: Host::Session(i),
+                defined: false,
+                metadata: false,
+                active: None,
+            });
+        }
+    }
+
+    // The configuration file in its own directory (readable under Landlock), replaced atomically.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_path = config_dir.path().join("agent.yaml");
+    let rx = Receiver::start().expect("start the OTLP receiver");
+    let endpoint = rx.grpc_endpoint();
+    let mut applied = ChurnConfig {
+        daemons: (0..DAEMONS).collect(),
+        interval: "1s",
+        debounce: "250ms",
+    };
+    applied.write(&config_path, &uris, &endpoint, false);
+    let config_arg = config_path.to_string_lossy().into_owned();
+    let mut agent = Agent::spawn(&["--config", &config_arg, "run"], &[("RUST_LOG", "")])
+        .expect("spawn the agent");
+    let pid = agent.pid();
+
+    // Per daemon, its truth from virsh.
+    let truths = |daemons: &[SessionDaemon]| -> Vec<Vec<Key>> {
+        daemons
+            .iter()
+            .map(|d| truth_of(|a| d.virsh(a)).unwrap())
+            .collect()
+    };
+    // Every listed daemon's connection up; no series for the others.
+    let connections_right = |r: &common::receiver::Recorded, cfg: &ChurnConfig| {
+        (0..DAEMONS).all(|d| {
+            let up = conn_value(r, UP, &uris[d]);
+            if cfg.daemons.contains(&d) {
+                up == Some(1.0)
+            } else {
+                up.is_none()
+            }
+        })
+    };
+    // The checkpoint: the series equal the truth of the listed daemons (wait_truth), then the
+    // connection self-metrics agree with the configuration.
+    let checkpoint = |agent: &mut Agent,
+                      cfg: &ChurnConfig,
+                      per_daemon: &[Vec<Key>],
+                      since: Instant,
+                      what: &str|
+     -> Observation {
+        let mut t: Vec<Key> = cfg
+            .daemons
+            .iter()
+            .flat_map(|d| per_daemon[*d].iter().cloned())
+            .collect();
+        t.sort();
+        let obs = wait_truth(&rx, agent, since, CHECKPOINT_TIMEOUT, &t, |_| true, what);
+        rx.wait_for_request(obs.request.at, CHECKPOINT_TIMEOUT, |r| {
+            r.has_metrics() && keys(&r.series(METRIC)) == t && connections_right(r, cfg)
+        })
+        .unwrap_or_else(|e| {
+            let latest = rx.latest_with_metrics().unwrap();
+            let ups: Vec<(usize, Option<f64>)> = (0..DAEMONS)
+                .map(|d| (d, conn_value(&latest, UP, &uris[d])))
+                .collect();
+            panic!(
+                "{what}: connection_up does not match the configuration (listed: {:?}); \
+                 latest per daemon: {ups:?}\n{e:#}\n{}",
+                cfg.daemons,
+                agent.log_tail(40)
+            )
+        });
+        agent
+            .check_running()
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(agent.pid(), pid, "{what}: the same agent process");
+        obs
+    };
+
+    let initial = truths(&daemons);
+    let spawned = agent.started();
+    let mut last = checkpoint(&mut agent, &applied, &initial, spawned, "initial sync");
+    let mut last_truths = initial;
+    let confined = agent.log().contains("confined with Landlock");
+
+    let mut rng = Rng::new(seed);
+    let mut total_ops = 0;
+    let mut round = 0;
+    let mut rotation = 0;
+    let (mut reloaded, mut refused, mut removals, mut readds, mut export_changes) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut came_back = 0;
+    // Reloads logged while the round's operations still ran.
+    let mut during_ops = 0;
+    let mut stale_checked = 0;
+    let mut checkpoints = Vec::new();
+    let mut hup_to_log = Vec::new();
+    let mut max_exported = 0;
+    while round < ROUNDS || total_ops < MIN_OPS {
+        round += 1;
+        // This round's file: add back the removed daemon, or remove the next one; on some rounds
+        // new export timing too; one invalid file that lists another set of daemons.
+        let invalid = round == INVALID_ROUND;
+        let mut next = applied.clone();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        if invalid {
+            next.daemons = (0..DAEMONS).filter(|d| *d != rotation % DAEMONS).collect();
+            next.interval = "2s";
+        } else {
+            match (0..DAEMONS).find(|d| !applied.daemons.contains(d)) {
+                Some(d) => {
+                    next.daemons.insert(d);
+                    added.push(d);
+                }
+                None => {
+                    let d = rotation % DAEMONS;
+                    rotation += 1;
+                    next.daemons.remove(&d);
+                    removed.push(d);
+                }
+            }
+            if round % 3 == 0 {
+                next.interval = if next.interval == "1s" { "2s" } else { "1s" };
+            }
+            if round % 4 == 0 {
+                next.debounce = if next.debounce == "250ms" {
+                    "100ms"
+                } else {
+                    "250ms"
+                };
+            }
+        }
+        let export_changed =
+            !invalid && (next.interval != applied.interval || next.debounce != applied.debounce);
+
+        // Operations per domain (in the order drawn), domains in parallel, as in churn_oracle;
+        // the reload lands somewhere in the middle of them.
+        let mut plans: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
+        for d in 0..DAEMONS {
+            let idx: Vec<usize> = (0..models.len())
+                .filter(|i| models[*i].host == Host::Session(d))
+                .collect();
+            for _ in 0..4 + rng.below(4) {
+                let i = idx[rng.below(idx.len())];
+                let op = models[i].next_op(&mut rng);
+                plans.entry(i).or_default().push(op);
+            }
+        }
+        let delay = Duration::from_millis(rng.below(600) as u64);
+        let snapshot = models.clone();
+        // The reload's log line, looked for from the SIGHUP on (the operations still run).
+        let (needle, count) = if invalid {
+            ("configuration not reloaded", refused + 1)
+        } else {
+            ("configuration reloaded", reloaded + 1)
+        };
+        let hup_to_line = Mutex::new(None);
+        let ops_done = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for (i, plan) in &plans {
+                let m = &snapshot[*i];
+                let (daemons, ops, ops_done) = (&daemons, &ops, &ops_done);
+                scope.spawn(move || {
+                    let Host::Session(d) = m.host else {
+                        unreachable!("session daemons only")
+                    };
+                    for op in plan {
+                        ops.lock().unwrap().push(format!(
+                            "round {round}: {:?} {} ({})",
+                            m.host,
+                            op.join(" "),
+                            m.dom.name
+                        ));
+                        run_op(&|a: &[&str]| daemons[d].virsh(a), m, op);
+                    }
+                    ops_done.lock().unwrap().push(Instant::now());
+                });
+            }
+            let (next, uris, endpoint) = (&next, &uris, &endpoint);
+            let (config_path, ops, hup_to_line, agent) = (&config_path, &ops, &hup_to_line, &agent);
+            scope.spawn(move || {
+                std::thread::sleep(delay);
+                next.write(config_path, uris, endpoint, invalid);
+                ops.lock().unwrap().push(format!(
+                    "round {round}: SIGHUP after {} with {}daemons {:?}, interval {}, debounce {}",
+                    ms(delay),
+                    if invalid { "an INVALID file, " } else { "" },
+                    next.daemons,
+                    next.interval,
+                    next.debounce
+                ));
+                signal(pid, "HUP").unwrap();
+                let logged =
+                    wait_until(CHECKPOINT_TIMEOUT, || log_count(agent, &[needle]) >= count);
+                *hup_to_line.lock().unwrap() = logged.ok().map(|d| (d, Instant::now()));
+            });
+        });
+        total_ops += plans.values().map(Vec::len).sum::<usize>();
+
+        // The reload's outcome in the log: one more line of the right kind, saying what changed.
+        if invalid {
+            refused += 1;
+            wait_log(
+                &agent,
+                &[needle],
+                refused,
+                CHECKPOINT_TIMEOUT,
+                &format!("round {round}: the invalid file"),
+            );
+            let log = agent.log();
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("configuration not reloaded"))
+                .unwrap();
+            assert!(
+                line.contains("libvirt.fetch_timeout")
+                    && line.contains("the running configuration is kept"),
+                "round {round}: {line}"
+            );
+        } else {
+            reloaded += 1;
+            wait_log(
+                &agent,
+                &[needle],
+                reloaded,
+                CHECKPOINT_TIMEOUT,
+                &format!("round {round}: the reload"),
+            );
+            let log = agent.log();
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("configuration reloaded"))
+                .unwrap();
+            let names = |ds: &[usize]| -> Vec<&str> { ds.iter().map(|d| &*uris[*d]).collect() };
+            for want in [
+                format!("added={:?}", names(&added)),
+                format!("removed={:?}", names(&removed)),
+                format!("export_settings={export_changed}"),
+            ] {
+                assert!(line.contains(&want), "round {round}: no {want} in\n{line}");
+            }
+            applied = next;
+            removals += removed.len();
+            readds += added.len();
+            export_changes += usize::from(export_changed);
+        }
+        if let Some((latency, logged_at)) = hup_to_line.into_inner().unwrap() {
+            hup_to_log.push(latency);
+            let last_op = ops_done.into_inner().unwrap().into_iter().max();
+            if last_op.is_some_and(|t| logged_at < t) {
+                during_ops += 1;
+            }
+        }
+        assert_eq!(
+            (
+                log_count(&agent, &["configuration reloaded"]),
+                log_count(&agent, &["configuration not reloaded"])
+            ),
+            (reloaded, refused),
+            "round {round}: reload lines in the log (applied, refused)"
+        );
+
+        // Quiescent checkpoint: the driver's model agrees with virsh, and the export with the
+        // truth of the daemons the running configuration lists.
+        let since = Instant::now();
+        let per_daemon = truths(&daemons);
+        let mut modelled: Vec<&str> = models
+            .iter()
+            .filter(|m| m.active.is_some())
+            .map(|m| m.dom.name.as_str())
+            .collect();
+        modelled.sort();
+        let mut listed: Vec<String> = daemons
+            .iter()
+            .flat_map(|d| d.active_domains().unwrap())
+            .collect();
+        listed.sort();
+        assert_eq!(
+            modelled, listed,
+            "round {round}: the driver's model vs virsh list"
+        );
+        let obs = checkpoint(
+            &mut agent,
+            &applied,
+            &per_daemon,
+            since,
+            &format!("checkpoint {round} (daemons {:?})", applied.daemons),
+        );
+        // A removed daemon's series, exported at the last checkpoint, all ended since: each got
+        // a staleness marker (at its removal, or at its own end before that).
+        for d in &removed {
+            let owed = &last_truths[*d];
+            let stale = |rx: &Receiver| -> Vec<Key> {
+                let mut s: Vec<Key> = rx
+                    .requests()
+                    .iter()
+                    .filter(|r| r.seq > last.request.seq)
+                    .flat_map(|r| keys(&r.stale_series(METRIC)))
+                    .collect();
+                s.sort();
+                s.dedup();
+                s
+            };
+            wait_until(CHECKPOINT_TIMEOUT, || {
+                let s = stale(&rx);
+                owed.iter().all(|k| s.contains(k))
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: daemon {d} removed: {e}; owed staleness markers:\n{}\n\
+                     markers received since the last checkpoint:\n{}",
+                    describe_keys(owed),
+                    describe_keys(&stale(&rx))
+                )
+            });
+            stale_checked += owed.len();
+        }
+        for d in &added {
+            came_back += per_daemon[*d].len();
+        }
+        max_exported = max_exported.max(obs.series.len());
+        checkpoints.push(obs.latency);
+        last = obs;
+        last_truths = per_daemon;
+    }
+    agent.check_running().unwrap();
+    assert_eq!(agent.pid(), pid, "the same agent process at the end");
+    report.line(format!(
+        "seed {seed_value:#x}: {total_ops} operations in {round} rounds over {DAEMONS} daemons \
+         (Landlock {}); {reloaded} reloads applied ({removals} URI removals, {readds} re-adds, \
+         {export_changes} export timing changes), {refused} invalid file refused; {} checkpoints \
+         all exact (up to {max_exported} domains)",
+        if confined { "on" } else { "NOT on" },
+        checkpoints.len()
+    ));
+    report.line(format!(
+        "{stale_checked} series of removed daemons got staleness markers; {came_back} domains \
+         came back on re-adds"
+    ));
+    report.line(format!(
+        "checkpoint -> exact series: {}",
+        spread(&checkpoints)
+    ));
+    report.line(format!(
+        "SIGHUP -> reload logged: {} ({during_ops} of them while the round's operations still ran)",
+        spread(&hup_to_log)
+    ));
+    assert!(total_ops >= MIN_OPS, "only {total_ops} operations");
+    assert!(round >= 12, "only {round} rounds");
+    assert_eq!(refused, 1, "one invalid file");
+    assert_eq!(
+        (
+            log_count(&agent, &["configuration reloaded"]),
+            log_count(&agent, &["configuration not reloaded"])
+        ),
+        (reloaded, refused),
+        "reload lines in the log at the end (applied, refused)"
+    );
+}
