@@ -230,10 +230,10 @@ impl Plan {
         if let Some(home) = std::env::var_os("HOME") {
             plan.read.push(Path::new(&home).join(".config/libvirt"));
         }
-        // The test driver's node files (`test:///path/node.xml`).
+        // The test driver's node files (`test:///path/node.xml`; `test:///default` is built in).
         for uri in &cfg.libvirt.uris {
             if let Some(path) = uri.strip_prefix("test://") {
-                if path.starts_with('/') {
+                if path.starts_with('/') && path != "/default" {
                     plan.read.push(PathBuf::from(path));
                 }
             }
@@ -398,6 +398,17 @@ mod tests {
         assert!(
             !plan.read.iter().any(|p| p.starts_with("/var/lib/kubelet")),
             "nothing under the kubelet root is readable"
+        );
+        // The test driver's built-in node is no file.
+        let mut plain = AgentConfig::default();
+        plain.libvirt.uris = vec!["test:///default".into()];
+        let builtin = Plan::for_config(&plain, None, None, &[]);
+        assert!(!builtin.read.contains(&PathBuf::from("/default")));
+        let running = Plan::for_config(&AgentConfig::default(), None, None, &[]);
+        assert_eq!(
+            running.covers(&builtin),
+            Ok(()),
+            "a reload to test:///default needs nothing new"
         );
     }
 

@@ -386,10 +386,14 @@ check_reload() {
     ct grep -q '^    - test:///default$' "$cfg" || node_fail "the URI edit did not apply"
     ct grep -q '^  interval: 2s$' "$cfg" || node_fail "the interval edit did not apply"
     mark=$(log_mark)
+    cursor=$(ct journalctl -q -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
     t0=$(now)
     ct systemctl reload "$UNIT" || node_fail "systemctl reload failed"
     wait_points "$SERIES_BOUND" "$mark" --metric kubevirt_vmi_hypervisor_info --attr name=test \
-        --attr "node=$NODE" >/dev/null || node_fail "test:///default's domain not exported after the reload"
+        --attr "node=$NODE" >/dev/null || {
+        ct journalctl -q -u "$UNIT" --after-cursor="$cursor" --no-pager | tail -n 20 >&2
+        node_fail "test:///default's domain not exported after the reload"
+    }
     local added_s after
     added_s=$(since "$t0")
     # In the next (periodic, 2 s) export, the TCG domain of qemu:///system is not among the series.
