@@ -15,6 +15,10 @@
 //! - `churn_oracle`: a seeded random driver (`VHA_CHURN_SEED`) runs > 300 operations over two session
 //!   daemons (plus KVM domains on the system daemon when KVM works) with daemon restarts; at every
 //!   one of > 20 quiescent checkpoints the exported series equal the truth exactly.
+//! - `reload_under_churn`: the agent runs from a config file that SIGHUP reloads during churn over
+//!   three daemons, alternately removing and re-adding a daemon's URI and changing the export timing
+//!   (once an invalid file, refused); at every checkpoint the series equal the truth of the daemons
+//!   in the applied configuration, a removed daemon's series got staleness markers, same process.
 //! - `undefine_running_domain_stays_exported`: a running domain that is undefined (now transient,
 //!   still running) stays exported.
 //! - `no_leaks`: 200 start/stop cycles leave the agent's fds and threads at baseline (+2) and its RSS
