@@ -57,6 +57,8 @@ pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The collector when neither `export.endpoint` nor `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` names
+/// one (the OpenTelemetry SDKs' defaults), per protocol; `export/otlp.rs` falls back to them.
 pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318/v1/metrics";
 
@@ -239,23 +241,27 @@ pub enum Compression {
     Gzip,
 }
 
+/// The export settings. What is left unset falls through to the standard OpenTelemetry
+/// variables, which the agent resolves itself (no SDK reads them): the transport's in
+/// `export/otlp.rs` (`OTEL_EXPORTER_OTLP_METRICS_*` before `OTEL_EXPORTER_OTLP_*`), the interval's
+/// in `export/mod.rs`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExportConfig {
     pub exporter: ExporterKind,
-    /// `None`: `OTEL_EXPORTER_OTLP_PROTOCOL`, else grpc.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else grpc.
     pub protocol: Option<Protocol>,
-    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` (resolved in `export/otlp.rs`), else the
-    /// protocol's default.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, else the protocol's default
+    /// ([`DEFAULT_GRPC_ENDPOINT`], [`DEFAULT_HTTP_ENDPOINT`]).
     pub endpoint: Option<String>,
-    /// Extra request headers (merged over `OTEL_EXPORTER_OTLP_HEADERS`).
+    /// Extra request headers (merged over `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`).
     pub headers: BTreeMap<String, String>,
-    /// `None`: `OTEL_EXPORTER_OTLP_TIMEOUT`, else 10s.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)TIMEOUT` (milliseconds), else 10s.
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// `None`: `OTEL_EXPORTER_OTLP_COMPRESSION`, else none.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)COMPRESSION`, else none.
     pub compression: Option<Compression>,
-    /// `None`: `OTEL_METRIC_EXPORT_INTERVAL`, else 30s.
+    /// `None`: `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds), else 30s.
     #[serde(with = "humantime_serde")]
     pub interval: Option<Duration>,
     /// Push-on-change debounce; `0s` disables push on change.

@@ -5,15 +5,15 @@
 //! collection, whose data points cannot carry the `NO_RECORDED_VALUE` flag the staleness
 //! markers need. So the request is built with `opentelemetry-proto` (the same family's protobuf
 //! types and SDK transform) and sent here with tonic (the generated OTLP client) or reqwest.
-//! `opentelemetry-otlp` still supplies the standard variable names and defaults.
+//! `opentelemetry-otlp` still supplies the names of the standard variables it defines.
 //!
 //! Settings left unset in the agent's config fall through to the standard variables, resolved
-//! as the OpenTelemetry SDKs do: `OTEL_EXPORTER_OTLP_METRICS_*` first (an endpoint used
-//! verbatim), then `OTEL_EXPORTER_OTLP_*` (HTTP appends `/v1/metrics` to that endpoint), then
-//! the defaults (`http://localhost:4317`, `http://localhost:4318/v1/metrics`, 10 s, no
-//! compression). Headers from both variables are merged, the config's win. The TLS certificate
-//! variables (`OTEL_EXPORTER_OTLP_CERTIFICATE`, `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read
-//! here too.
+//! here (no SDK reads them), as the OpenTelemetry SDKs do: `OTEL_EXPORTER_OTLP_METRICS_*` first
+//! (an endpoint used verbatim), then `OTEL_EXPORTER_OTLP_*` (HTTP appends `/v1/metrics` to that
+//! endpoint), then the defaults of [`crate::config`] (`http://localhost:4317`,
+//! `http://localhost:4318/v1/metrics`, 10 s, no compression). Headers from both variables are
+//! merged, the config's win. The TLS certificate variables (`OTEL_EXPORTER_OTLP_CERTIFICATE`,
+//! `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read here too.
 //!
 //! TLS: rustls (ring) with the web PKI roots plus an optional CA and client identity, on both
 //! transports; `https://` turns it on.
@@ -27,7 +27,9 @@ use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::ExportError;
-use crate::config::{Compression, ExportConfig, Protocol};
+use crate::config::{
+    Compression, ExportConfig, Protocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT,
+};
 
 const ENDPOINT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT;
 const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
@@ -37,8 +39,7 @@ const TIMEOUT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT;
 const METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
 const COMPRESSION: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_COMPRESSION;
 const METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
-const GRPC_DEFAULT: &str = "http://localhost:4317";
-const HTTP_DEFAULT_BASE: &str = "http://localhost:4318";
+/// Appended to an `OTEL_EXPORTER_OTLP_ENDPOINT` base for HTTP (the signal's path).
 const HTTP_PATH: &str = "/v1/metrics";
 
 /// The protocol in force: config, else `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else gRPC.
@@ -111,9 +112,12 @@ impl Settings {
                     }
                 })
             })
-            .unwrap_or_else(|| match protocol {
-                Protocol::Grpc => GRPC_DEFAULT.to_string(),
-                Protocol::HttpProtobuf => format!("{HTTP_DEFAULT_BASE}{HTTP_PATH}"),
+            .unwrap_or_else(|| {
+                match protocol {
+                    Protocol::Grpc => DEFAULT_GRPC_ENDPOINT,
+                    Protocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                }
+                .to_string()
             });
         let mut headers: Vec<(String, String)> = Vec::new();
         let mut set = |k: String, v: String| {
@@ -463,6 +467,17 @@ fn http_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The defaults live in `crate::config`; they are still the SDKs' (the HTTP one being the
+    /// default base with the path an `OTEL_EXPORTER_OTLP_ENDPOINT` base gets).
+    #[test]
+    fn default_endpoints_are_the_sdks() {
+        assert_eq!(DEFAULT_GRPC_ENDPOINT, "http://localhost:4317");
+        assert_eq!(
+            DEFAULT_HTTP_ENDPOINT,
+            format!("http://localhost:4318{HTTP_PATH}")
+        );
+    }
 
     #[test]
     fn header_lists_parse_like_the_sdks() {
