@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 mod error;
 pub mod limits;
 pub mod load;
+mod otel;
 mod print;
 mod read;
 pub mod redact;
@@ -28,6 +29,7 @@ pub use limits::{
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
 pub use load::{load, load_with_warnings, LoadOptions, Loaded, ENV_CONFIG_PATH};
+pub use otel::{export_interval, IntervalEnvProblem, EXPORT_INTERVAL_VAR};
 pub use print::to_yaml;
 pub use schema::env_var_for;
 pub use validate::check_log_level;
@@ -244,7 +246,7 @@ pub enum Compression {
 /// The export settings. What is left unset falls through to the standard OpenTelemetry
 /// variables, which the agent resolves itself (no SDK reads them): the transport's in
 /// `export/otlp.rs` (`OTEL_EXPORTER_OTLP_METRICS_*` before `OTEL_EXPORTER_OTLP_*`), the interval's
-/// in `export/mod.rs`.
+/// in [`export_interval`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExportConfig {
