@@ -29,7 +29,9 @@ pub use limits::{
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
 pub use load::{load, load_with_warnings, LoadOptions, Loaded, ENV_CONFIG_PATH};
-pub use otel::{export_interval, IntervalEnvProblem, EXPORT_INTERVAL_VAR};
+pub use otel::{
+    export_interval, header_pairs, HeaderPairError, IntervalEnvProblem, EXPORT_INTERVAL_VAR,
+};
 pub use print::to_yaml;
 pub use schema::env_var_for;
 pub use validate::check_log_level;

@@ -28,7 +28,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::ExportError;
 use crate::config::{
-    Compression, ExportConfig, Protocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT,
+    header_pairs, Compression, ExportConfig, HeaderPairError, Protocol, DEFAULT_GRPC_ENDPOINT,
+    DEFAULT_HTTP_ENDPOINT,
 };
 
 const ENDPOINT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT;
@@ -67,6 +68,9 @@ pub struct Settings {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The malformed pairs of `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`, skipped: each variable's
+    /// name and why (never the value).
+    pub skipped_headers: Vec<(&'static str, HeaderPairError)>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -80,20 +84,21 @@ fn tls_path(cfg: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
     cfg.clone().or_else(|| env(var).map(PathBuf::from))
 }
 
-/// `k=v,k2=v2` as in `OTEL_EXPORTER_OTLP_HEADERS`: keys and values trimmed, values
-/// percent-decoded; malformed pairs are skipped, as the SDKs do.
-fn parse_header_list(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            let (k, v) = (k.trim(), v.trim());
-            let v = percent_encoding::percent_decode_str(v)
-                .decode_utf8()
-                .ok()?
-                .into_owned();
-            (!k.is_empty() && !v.is_empty()).then(|| (k.to_string(), v))
-        })
-        .collect()
+/// A header list from `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`, parsed as the configuration parses
+/// `export.headers` from the environment ([`header_pairs`]). As the SDKs do, a malformed pair
+/// sets no header, nor does a pair with an empty value; the malformed ones are returned too, so
+/// that the transport can say why they were skipped.
+fn parse_header_list(text: &str) -> (Vec<(String, String)>, Vec<HeaderPairError>) {
+    let mut pairs = Vec::new();
+    let mut malformed = Vec::new();
+    for pair in header_pairs(text) {
+        match pair {
+            Ok((_, v)) if v.is_empty() => {}
+            Ok(pair) => pairs.push(pair),
+            Err(e) => malformed.push(e),
+        }
+    }
+    (pairs, malformed)
 }
 
 impl Settings {
@@ -124,10 +129,13 @@ impl Settings {
             headers.retain(|(old, _)| !old.eq_ignore_ascii_case(&k));
             headers.push((k, v));
         };
+        let mut skipped_headers = Vec::new();
         for var in [HEADERS, METRICS_HEADERS] {
-            for (k, v) in env(var).map(|t| parse_header_list(&t)).unwrap_or_default() {
+            let (pairs, malformed) = env(var).map(|t| parse_header_list(&t)).unwrap_or_default();
+            for (k, v) in pairs {
                 set(k, v);
             }
+            skipped_headers.extend(malformed.into_iter().map(|e| (var, e)));
         }
         for (k, v) in &cfg.headers {
             set(k.clone(), v.clone());
@@ -158,6 +166,7 @@ impl Settings {
             ca: tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
             cert: tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
             key: tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+            skipped_headers,
         }
     }
 
@@ -241,6 +250,9 @@ impl Transport {
             settings.cert.is_some() || settings.key.is_some(),
         )
         .map_err(ExportError::Insecure)?;
+        for (var, why) in &settings.skipped_headers {
+            tracing::warn!("ignoring a malformed export header: {var}: {why}");
+        }
         match settings.protocol {
             Protocol::Grpc => {
                 let mut ep = Endpoint::from_shared(settings.endpoint.clone())
@@ -482,8 +494,27 @@ mod tests {
     #[test]
     fn header_lists_parse_like_the_sdks() {
         assert_eq!(
-            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= "),
+            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= ").0,
             [("a".into(), "1".into()), ("b".into(), "x y".into())]
+        );
+    }
+
+    /// The pairs the SDKs skip without a word are skipped here too, with the reason the
+    /// configuration would give; a value with a stray `%` is one of them (the SDK sends it
+    /// undecoded), a pair with an empty value is not malformed but sets no header.
+    #[test]
+    fn skipped_header_pairs_are_reported_as_the_configuration_would() {
+        assert_eq!(
+            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= ,d=50%,e=%FF"),
+            (
+                vec![("a".into(), "1".into()), ("b".into(), "x y".into())],
+                vec![
+                    HeaderPairError::NoEquals(4),
+                    HeaderPairError::EmptyKey(5),
+                    HeaderPairError::BadEscape("d".into()),
+                    HeaderPairError::NotUtf8("e".into()),
+                ]
+            )
         );
     }
 }
