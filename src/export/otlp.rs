@@ -16,7 +16,7 @@
 //! `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read here too.
 //!
 //! TLS: rustls (ring) with the web PKI roots plus an optional CA and client identity, on both
-//! transports; `https://` turns it on.
+//! transports, from files read and checked once (`otlp/tls.rs`); `https://` turns it on.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use super::ExportError;
 use crate::config::{
@@ -42,6 +42,9 @@ const COMPRESSION: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_COMPRESSION;
 const METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
 /// Appended to an `OTEL_EXPORTER_OTLP_ENDPOINT` base for HTTP (the signal's path).
 const HTTP_PATH: &str = "/v1/metrics";
+
+mod tls;
+use tls::TlsFiles;
 
 /// The protocol in force: config, else `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else gRPC.
 pub fn protocol(cfg: &ExportConfig) -> Protocol {
@@ -178,13 +181,15 @@ impl Settings {
     fn tls_wanted(&self) -> bool {
         self.endpoint.starts_with("https://") || self.ca.is_some() || self.cert.is_some()
     }
-}
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
-    std::fs::read(path).map_err(|source| ExportError::TlsFile {
-        path: path.display().to_string(),
-        source,
-    })
+    /// The TLS files, read and checked ([`TlsFiles`]); a client identity needs both files.
+    fn tls_files(&self) -> Result<TlsFiles, ExportError> {
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            _ => None,
+        };
+        TlsFiles::load(self.ca.as_deref(), identity)
+    }
 }
 
 /// Make ring the process-wide rustls crypto provider (idempotent). The agent links reqwest with
@@ -265,15 +270,8 @@ impl Transport {
                     .timeout(settings.timeout)
                     .connect_timeout(settings.timeout);
                 if settings.tls_wanted() {
-                    let mut tls = ClientTlsConfig::new().with_webpki_roots();
-                    if let Some(ca) = &settings.ca {
-                        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-                    }
-                    if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
-                        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                    }
                     ep = ep
-                        .tls_config(tls)
+                        .tls_config(settings.tls_files()?.tonic_config())
                         .map_err(|e| ExportError::Tls(e.to_string()))?;
                 }
                 let mut client = MetricsServiceClient::new(ep.connect_lazy());
@@ -321,11 +319,11 @@ impl Transport {
                         }
                     }
                 }
-                let identity = match (&settings.cert, &settings.key) {
-                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-                    _ => None,
-                };
-                let client = http_client(settings.ca.clone(), identity, settings.timeout)?;
+                let client = reqwest::Client::builder()
+                    .tls_backend_preconfigured(settings.tls_files()?.into_rustls_config())
+                    .timeout(settings.timeout)
+                    .build()
+                    .map_err(|e| ExportError::Tls(e.to_string()))?;
                 Ok(Transport::Http {
                     client,
                     headers,
@@ -420,60 +418,6 @@ impl Transport {
             }
         }
     }
-}
-
-/// An async reqwest client with rustls (ring): web PKI roots, plus `ca` when given, plus a
-/// client identity for mutual TLS.
-fn http_client(
-    ca: Option<PathBuf>,
-    identity: Option<(PathBuf, PathBuf)>,
-    timeout: Duration,
-) -> Result<reqwest::Client, ExportError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-    let tls_err = |path: &PathBuf, what: String| ExportError::TlsFile {
-        path: path.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = &ca {
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| tls_err(ca, e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_err(ca, e.to_string()))?;
-        if certs.is_empty() {
-            return Err(tls_err(ca, "no PEM certificate in file".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| tls_err(ca, e.to_string()))?;
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ExportError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    let config = match &identity {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| tls_err(cert, e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls_err(cert, e.to_string()))?;
-            let key_der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| tls_err(cert, e.to_string()))?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(timeout)
-        .build()
-        .map_err(|e| ExportError::Tls(e.to_string()))
 }
 
 #[cfg(test)]
