@@ -23,10 +23,10 @@ use tokio::task::{JoinError, JoinSet};
 
 use super::call::{CallError, Calls, StopSignal};
 use super::Shared;
+use crate::ffi::libvirt::{DomainHandle, Watched};
 use crate::inventory::{
     ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle, ResyncReport, ResyncToken,
 };
-use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
 use crate::source::{Feeds, SourceEvent};
 
