@@ -10,6 +10,7 @@ pub mod confine;
 pub mod discovery;
 pub mod domain;
 pub mod export;
+pub mod ffi;
 pub mod health;
 pub mod inventory;
 pub mod logging;

@@ -213,29 +213,8 @@ fn warn_config(warnings: &[String]) {
 /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) is read by the exporter when `export.interval`
 /// is unset; say so when it is not a number (ignored) or out of range (clamped).
 fn warn_export_interval_env(cfg: &AgentConfig) {
-    const VAR: &str = "OTEL_METRIC_EXPORT_INTERVAL";
-    let Some(raw) = std::env::var_os(VAR) else {
-        return;
-    };
-    let raw = raw.to_string_lossy();
-    if cfg.export.interval.is_some() || raw.trim().is_empty() {
-        return;
-    }
-    let (min, max) = (config::MIN_EXPORT_INTERVAL, config::MAX_EXPORT_INTERVAL);
-    let fmt = |d| humantime::format_duration(d).to_string();
-    match raw.trim().parse::<u64>() {
-        Ok(ms) if (min..=max).contains(&std::time::Duration::from_millis(ms)) => {}
-        Ok(_) => tracing::warn!(
-            "{VAR}={:?} is out of range, clamped to {} .. {} (export.interval sets it in the config)",
-            raw,
-            fmt(min),
-            fmt(max)
-        ),
-        Err(_) => tracing::warn!(
-            "{VAR}={:?} ignored, not a whole number of milliseconds; exporting every {}",
-            raw,
-            fmt(config::DEFAULT_EXPORT_INTERVAL)
-        ),
+    if let (_, Some(problem)) = config::export_interval(cfg.export.interval) {
+        tracing::warn!("{problem}");
     }
 }
 

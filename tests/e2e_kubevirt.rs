@@ -181,10 +181,10 @@ fn shows(r: &Recorded, vmi: &Vmi) -> bool {
     keys(&r.series(METRIC)).contains(&key(vmi))
 }
 
-/// Every series of `r` has exactly the attributes the contract asks for (with `pod_uid`, on by
-/// default for discovered connections: a kubelet pod UID, one per pod; here each pod's VMIs
-/// are in a namespace of their own, `kv-<pod>`), value 1, and none is duplicated; the set
-/// equals `expected`.
+/// Every series of `r` has exactly the attributes of the README's "Metric reference" (with
+/// `pod_uid`, on by default for discovered connections: a kubelet pod UID, one per pod; here each
+/// pod's VMIs are in a namespace of their own, `kv-<pod>`), value 1, and none is duplicated; the
+/// set equals `expected`.
 fn check_exact(r: &Recorded, node: &str, expected: &BTreeSet<Vmi>) -> Result<(), String> {
     let series = r.series(METRIC);
     let ks = keys(&series);

@@ -79,23 +79,27 @@ impl Drop for AgentProc {
     }
 }
 
-fn spawn_agent(protocol: &str, endpoint: &str, pki: &Path) -> AgentProc {
-    let child = Command::new(BIN)
-        .args([
-            "--uri",
-            &demo_uri(),
-            "--protocol",
-            protocol,
-            "--endpoint",
-            endpoint,
-            "--set",
-            "export.interval=1s",
-            "run",
-        ])
-        .env(
+/// The agent with the test PKI's client identity, trusting the test CA only if `trust_ca`.
+fn spawn_agent(protocol: &str, endpoint: &str, pki: &Path, trust_ca: bool) -> AgentProc {
+    let mut agent = Command::new(BIN);
+    agent.args([
+        "--uri",
+        &demo_uri(),
+        "--protocol",
+        protocol,
+        "--endpoint",
+        endpoint,
+        "--set",
+        "export.interval=1s",
+        "run",
+    ]);
+    if trust_ca {
+        agent.env(
             "VIRT_HYPERVISOR_AGENT_EXPORT__TLS__CA_FILE",
             pki.join("ca.pem"),
-        )
+        );
+    }
+    let child = agent
         .env(
             "VIRT_HYPERVISOR_AGENT_EXPORT__TLS__CERT_FILE",
             pki.join("client.pem"),
@@ -138,8 +142,17 @@ fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T>
     None
 }
 
-#[test]
-fn grpc_export_over_mutual_tls_reaches_the_receiver() {
+/// A gRPC receiver that requires a client certificate of a fresh test CA, and the agent sending
+/// to it, trusting that CA only if `trust_ca`. Dropping it stops both.
+struct GrpcExport {
+    /// What the receiver got.
+    sink: Sink,
+    _agent: AgentProc,
+    _rt: tokio::runtime::Runtime,
+    _pki: Pki,
+}
+
+fn grpc_export(trust_ca: bool) -> GrpcExport {
     let pki = Pki::new().unwrap();
     let dir = pki.dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -169,9 +182,22 @@ fn grpc_export_over_mutual_tls_reaches_the_receiver() {
             .await
             .unwrap();
     });
-    let _agent = spawn_agent("grpc", &format!("https://localhost:{port}"), dir);
+    let agent = spawn_agent("grpc", &format!("https://localhost:{port}"), dir, trust_ca);
+    GrpcExport {
+        sink,
+        _agent: agent,
+        _rt: rt,
+        _pki: pki,
+    }
+}
+
+#[test]
+fn grpc_export_over_mutual_tls_reaches_the_receiver() {
+    let export = grpc_export(true);
     let got = wait_for(Duration::from_secs(20), || {
-        sink.0
+        export
+            .sink
+            .0
             .lock()
             .unwrap()
             .iter()
@@ -181,6 +207,18 @@ fn grpc_export_over_mutual_tls_reaches_the_receiver() {
     assert_eq!(
         got.expect("the demo VMs arrive over gRPC with mTLS"),
         DEMO_NAMES
+    );
+}
+
+#[test]
+fn a_grpc_collector_with_an_untrusted_certificate_receives_nothing() {
+    // As for HTTP below: a valid client identity, but only the web PKI roots are trusted.
+    let export = grpc_export(false);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        export.sink.0.lock().unwrap().len(),
+        0,
+        "an untrusted server must not receive metrics"
     );
 }
 
@@ -239,6 +277,7 @@ fn http_export_over_mutual_tls_reaches_the_receiver() {
         "http/protobuf",
         &format!("https://localhost:{port}/v1/metrics"),
         dir,
+        true,
     );
     let got = wait_for(Duration::from_secs(20), || {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -23,8 +23,8 @@ use tokio::task::{JoinError, JoinSet};
 
 use super::call::{CallError, Calls};
 use super::Shared;
+use crate::ffi::libvirt::{DomainHandle, Watched};
 use crate::inventory::{ConnId, DomainRef, FetchOutcome, FetchRequest, Lifecycle};
-use crate::source::ffi::{DomainHandle, Watched};
 use crate::source::libvirt::{self, Fetched};
 use crate::source::{Feeds, SourceEvent};
 use crate::tasks::{drain_by, Stop, StopSignal};

@@ -17,6 +17,7 @@ pub mod diff;
 mod error;
 pub mod limits;
 pub mod load;
+mod otel;
 mod print;
 mod read;
 pub mod redact;
@@ -29,6 +30,9 @@ pub use limits::{
     MAX_FETCH_CONCURRENCY, MIN_EXPORT_INTERVAL,
 };
 pub use load::{load, load_with_warnings, LoadOptions, Loaded, ENV_CONFIG_PATH};
+pub use otel::{
+    export_interval, header_pairs, HeaderPairError, IntervalEnvProblem, EXPORT_INTERVAL_VAR,
+};
 pub use print::to_yaml;
 pub use schema::env_var_for;
 pub use validate::check_log_level;
@@ -58,6 +62,8 @@ pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The collector when neither `export.endpoint` nor `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` names
+/// one (the OpenTelemetry SDKs' defaults), per protocol; `export/otlp.rs` falls back to them.
 pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318/v1/metrics";
 
@@ -240,23 +246,27 @@ pub enum Compression {
     Gzip,
 }
 
+/// The export settings. What is left unset falls through to the standard OpenTelemetry
+/// variables, which the agent resolves itself (no SDK reads them): the transport's in
+/// `export/otlp.rs` (`OTEL_EXPORTER_OTLP_METRICS_*` before `OTEL_EXPORTER_OTLP_*`), the interval's
+/// in [`export_interval`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExportConfig {
     pub exporter: ExporterKind,
-    /// `None`: `OTEL_EXPORTER_OTLP_PROTOCOL`, else grpc.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else grpc.
     pub protocol: Option<Protocol>,
-    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` (resolved in `export/otlp.rs`), else the
-    /// protocol's default.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`, else the protocol's default
+    /// ([`DEFAULT_GRPC_ENDPOINT`], [`DEFAULT_HTTP_ENDPOINT`]).
     pub endpoint: Option<String>,
-    /// Extra request headers (merged over `OTEL_EXPORTER_OTLP_HEADERS`).
+    /// Extra request headers (merged over `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`).
     pub headers: BTreeMap<String, String>,
-    /// `None`: `OTEL_EXPORTER_OTLP_TIMEOUT`, else 10s.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)TIMEOUT` (milliseconds), else 10s.
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// `None`: `OTEL_EXPORTER_OTLP_COMPRESSION`, else none.
+    /// `None`: `OTEL_EXPORTER_OTLP_(METRICS_)COMPRESSION`, else none.
     pub compression: Option<Compression>,
-    /// `None`: `OTEL_METRIC_EXPORT_INTERVAL`, else 30s.
+    /// `None`: `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds), else 30s.
     #[serde(with = "humantime_serde")]
     pub interval: Option<Duration>,
     /// Push-on-change debounce; `0s` disables push on change.

@@ -4,7 +4,8 @@
 //! mean"; a wrong type names the key, the value and the accepted form. It also coerces the
 //! strings that environment variables and flags carry: `true`/`false`, whole numbers,
 //! comma-separated lists (`a,b`), and `k=v,k2=v2` maps (the `OTEL_EXPORTER_OTLP_HEADERS` format,
-//! values percent-decoded). An empty string from the environment or a flag unsets an optional
+//! values percent-decoded, parsed by [`super::otel::header_pairs`] as the exporter parses that
+//! variable). An empty string from the environment or a flag unsets an optional
 //! key and empties a list or map.
 //!
 //! Why not serde's `deny_unknown_fields` with `serde_path_to_error`: that stops at the first
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use config::{Map, Value, ValueKind};
 
 use super::error::{origin_of_key, truncate, ConfigError, Origin};
+use super::otel::header_pairs;
 use super::schema::{
     all_paths, env_var_for, expected, join, removed, Field, Kind, Removed, DURATION_ALLOWED, SCHEMA,
 };
@@ -301,7 +303,7 @@ impl Walker {
                 }
             },
             Kind::Map => match &value.kind {
-                ValueKind::String(s) => match parse_pairs(s) {
+                ValueKind::String(s) => match header_pairs(s).collect::<Result<Vec<_>, _>>() {
                     Ok(pairs) => Some(J::Object(
                         pairs.into_iter().map(|(k, v)| (k, J::String(v))).collect(),
                     )),
@@ -364,42 +366,6 @@ fn scalar_string(value: &Value) -> Option<String> {
         ValueKind::Float(n) => Some(n.to_string()),
         ValueKind::Nil | ValueKind::Table(_) | ValueKind::Array(_) => None,
     }
-}
-
-/// `k=v,k2=v2` as in `OTEL_EXPORTER_OTLP_HEADERS`: keys trimmed, values percent-decoded.
-fn parse_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((k, v)) = pair.split_once('=') else {
-            return Err(format!("{pair:?} has no `=`"));
-        };
-        let k = k.trim();
-        if k.is_empty() {
-            return Err(format!("{pair:?} has an empty key"));
-        }
-        out.push((
-            k.to_string(),
-            percent_decode(v.trim()).ok_or_else(|| format!("{pair:?}: bad %-escape"))?,
-        ));
-    }
-    Ok(out)
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A value for a message: strings quoted, lists and maps inline, cut at [`MAX_VALUE_CHARS`].
@@ -481,20 +447,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pairs_are_percent_decoded() {
-        assert_eq!(
-            parse_pairs("a=b%3Dc, x = y=z ,").expect("valid"),
-            vec![
-                ("a".to_string(), "b=c".to_string()),
-                ("x".to_string(), "y=z".to_string())
-            ]
-        );
-        assert!(parse_pairs("novalue").is_err());
-        assert!(parse_pairs("=v").is_err());
-        assert!(parse_pairs("a=%zz").is_err());
-    }
 
     #[test]
     fn hint_spots_single_underscore_env_nesting() {

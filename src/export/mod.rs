@@ -389,24 +389,11 @@ fn periodic(interval: Duration) -> tokio::time::Interval {
 }
 
 /// Periodic export interval: the config's, else `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds,
-/// as the SDK reads it; clamped to [`crate::config::MIN_EXPORT_INTERVAL`] ..
-/// [`crate::config::MAX_EXPORT_INTERVAL`], since a larger one overflows the first deadline),
-/// else the agent's
-/// default of 30 s.
+/// ignored when not a number, clamped to [`crate::config::MIN_EXPORT_INTERVAL`] ..
+/// [`crate::config::MAX_EXPORT_INTERVAL`]), else the agent's default of 30 s; resolved by
+/// [`crate::config::export_interval`], which also tells the binary what to warn about.
 fn export_interval(cfg: &AgentConfig) -> Duration {
-    if let Some(i) = cfg.export.interval {
-        return i;
-    }
-    std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|ms| {
-            Duration::from_millis(ms).clamp(
-                crate::config::MIN_EXPORT_INTERVAL,
-                crate::config::MAX_EXPORT_INTERVAL,
-            )
-        })
-        .unwrap_or(crate::config::DEFAULT_EXPORT_INTERVAL)
+    crate::config::export_interval(cfg.export.interval).0
 }
 
 /// The `connection` attribute of a connection-level self-metric (the label is shared, not copied).

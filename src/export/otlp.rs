@@ -5,18 +5,18 @@
 //! collection, whose data points cannot carry the `NO_RECORDED_VALUE` flag the staleness
 //! markers need. So the request is built with `opentelemetry-proto` (the same family's protobuf
 //! types and SDK transform) and sent here with tonic (the generated OTLP client) or reqwest.
-//! `opentelemetry-otlp` still supplies the standard variable names and defaults.
+//! `opentelemetry-otlp` still supplies the names of the standard variables it defines.
 //!
 //! Settings left unset in the agent's config fall through to the standard variables, resolved
-//! as the OpenTelemetry SDKs do: `OTEL_EXPORTER_OTLP_METRICS_*` first (an endpoint used
-//! verbatim), then `OTEL_EXPORTER_OTLP_*` (HTTP appends `/v1/metrics` to that endpoint), then
-//! the defaults (`http://localhost:4317`, `http://localhost:4318/v1/metrics`, 10 s, no
-//! compression). Headers from both variables are merged, the config's win. The TLS certificate
-//! variables (`OTEL_EXPORTER_OTLP_CERTIFICATE`, `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read
-//! here too.
+//! here (no SDK reads them), as the OpenTelemetry SDKs do: `OTEL_EXPORTER_OTLP_METRICS_*` first
+//! (an endpoint used verbatim), then `OTEL_EXPORTER_OTLP_*` (HTTP appends `/v1/metrics` to that
+//! endpoint), then the defaults of [`crate::config`] (`http://localhost:4317`,
+//! `http://localhost:4318/v1/metrics`, 10 s, no compression). Headers from both variables are
+//! merged, the config's win. The TLS certificate variables (`OTEL_EXPORTER_OTLP_CERTIFICATE`,
+//! `…CLIENT_CERTIFICATE`, `…CLIENT_KEY`) are read here too.
 //!
 //! TLS: rustls (ring) with the web PKI roots plus an optional CA and client identity, on both
-//! transports; `https://` turns it on.
+//! transports, from files read and checked once (`otlp/tls.rs`); `https://` turns it on.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,10 +24,13 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use super::ExportError;
-use crate::config::{Compression, ExportConfig, Protocol};
+use crate::config::{
+    header_pairs, Compression, ExportConfig, HeaderPairError, Protocol, DEFAULT_GRPC_ENDPOINT,
+    DEFAULT_HTTP_ENDPOINT,
+};
 
 const ENDPOINT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_ENDPOINT;
 const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
@@ -37,9 +40,11 @@ const TIMEOUT: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT;
 const METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
 const COMPRESSION: &str = opentelemetry_otlp::OTEL_EXPORTER_OTLP_COMPRESSION;
 const METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
-const GRPC_DEFAULT: &str = "http://localhost:4317";
-const HTTP_DEFAULT_BASE: &str = "http://localhost:4318";
+/// Appended to an `OTEL_EXPORTER_OTLP_ENDPOINT` base for HTTP (the signal's path).
 const HTTP_PATH: &str = "/v1/metrics";
+
+mod tls;
+use tls::TlsFiles;
 
 /// The protocol in force: config, else `OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL`, else gRPC.
 pub fn protocol(cfg: &ExportConfig) -> Protocol {
@@ -66,6 +71,9 @@ pub struct Settings {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The malformed pairs of `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`, skipped: each variable's
+    /// name and why (never the value).
+    pub skipped_headers: Vec<(&'static str, HeaderPairError)>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -79,20 +87,21 @@ fn tls_path(cfg: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
     cfg.clone().or_else(|| env(var).map(PathBuf::from))
 }
 
-/// `k=v,k2=v2` as in `OTEL_EXPORTER_OTLP_HEADERS`: keys and values trimmed, values
-/// percent-decoded; malformed pairs are skipped, as the SDKs do.
-fn parse_header_list(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            let (k, v) = (k.trim(), v.trim());
-            let v = percent_encoding::percent_decode_str(v)
-                .decode_utf8()
-                .ok()?
-                .into_owned();
-            (!k.is_empty() && !v.is_empty()).then(|| (k.to_string(), v))
-        })
-        .collect()
+/// A header list from `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`, parsed as the configuration parses
+/// `export.headers` from the environment ([`header_pairs`]). As the SDKs do, a malformed pair
+/// sets no header, nor does a pair with an empty value; the malformed ones are returned too, so
+/// that the transport can say why they were skipped.
+fn parse_header_list(text: &str) -> (Vec<(String, String)>, Vec<HeaderPairError>) {
+    let mut pairs = Vec::new();
+    let mut malformed = Vec::new();
+    for pair in header_pairs(text) {
+        match pair {
+            Ok((_, v)) if v.is_empty() => {}
+            Ok(pair) => pairs.push(pair),
+            Err(e) => malformed.push(e),
+        }
+    }
+    (pairs, malformed)
 }
 
 impl Settings {
@@ -111,19 +120,25 @@ impl Settings {
                     }
                 })
             })
-            .unwrap_or_else(|| match protocol {
-                Protocol::Grpc => GRPC_DEFAULT.to_string(),
-                Protocol::HttpProtobuf => format!("{HTTP_DEFAULT_BASE}{HTTP_PATH}"),
+            .unwrap_or_else(|| {
+                match protocol {
+                    Protocol::Grpc => DEFAULT_GRPC_ENDPOINT,
+                    Protocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                }
+                .to_string()
             });
         let mut headers: Vec<(String, String)> = Vec::new();
         let mut set = |k: String, v: String| {
             headers.retain(|(old, _)| !old.eq_ignore_ascii_case(&k));
             headers.push((k, v));
         };
+        let mut skipped_headers = Vec::new();
         for var in [HEADERS, METRICS_HEADERS] {
-            for (k, v) in env(var).map(|t| parse_header_list(&t)).unwrap_or_default() {
+            let (pairs, malformed) = env(var).map(|t| parse_header_list(&t)).unwrap_or_default();
+            for (k, v) in pairs {
                 set(k, v);
             }
+            skipped_headers.extend(malformed.into_iter().map(|e| (var, e)));
         }
         for (k, v) in &cfg.headers {
             set(k.clone(), v.clone());
@@ -154,6 +169,7 @@ impl Settings {
             ca: tls_path(&cfg.tls.ca_file, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
             cert: tls_path(&cfg.tls.cert_file, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
             key: tls_path(&cfg.tls.key_file, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+            skipped_headers,
         }
     }
 
@@ -165,13 +181,15 @@ impl Settings {
     fn tls_wanted(&self) -> bool {
         self.endpoint.starts_with("https://") || self.ca.is_some() || self.cert.is_some()
     }
-}
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
-    std::fs::read(path).map_err(|source| ExportError::TlsFile {
-        path: path.display().to_string(),
-        source,
-    })
+    /// The TLS files, read and checked ([`TlsFiles`]); a client identity needs both files.
+    fn tls_files(&self) -> Result<TlsFiles, ExportError> {
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            _ => None,
+        };
+        TlsFiles::load(self.ca.as_deref(), identity)
+    }
 }
 
 /// Make ring the process-wide rustls crypto provider (idempotent). The agent links reqwest with
@@ -237,6 +255,9 @@ impl Transport {
             settings.cert.is_some() || settings.key.is_some(),
         )
         .map_err(ExportError::Insecure)?;
+        for (var, why) in &settings.skipped_headers {
+            tracing::warn!("ignoring a malformed export header: {var}: {why}");
+        }
         match settings.protocol {
             Protocol::Grpc => {
                 let mut ep = Endpoint::from_shared(settings.endpoint.clone())
@@ -249,15 +270,8 @@ impl Transport {
                     .timeout(settings.timeout)
                     .connect_timeout(settings.timeout);
                 if settings.tls_wanted() {
-                    let mut tls = ClientTlsConfig::new().with_webpki_roots();
-                    if let Some(ca) = &settings.ca {
-                        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-                    }
-                    if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
-                        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                    }
                     ep = ep
-                        .tls_config(tls)
+                        .tls_config(settings.tls_files()?.tonic_config())
                         .map_err(|e| ExportError::Tls(e.to_string()))?;
                 }
                 let mut client = MetricsServiceClient::new(ep.connect_lazy());
@@ -305,11 +319,11 @@ impl Transport {
                         }
                     }
                 }
-                let identity = match (&settings.cert, &settings.key) {
-                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-                    _ => None,
-                };
-                let client = http_client(settings.ca.clone(), identity, settings.timeout)?;
+                let client = reqwest::Client::builder()
+                    .tls_backend_preconfigured(settings.tls_files()?.into_rustls_config())
+                    .timeout(settings.timeout)
+                    .build()
+                    .map_err(|e| ExportError::Tls(e.to_string()))?;
                 Ok(Transport::Http {
                     client,
                     headers,
@@ -406,69 +420,45 @@ impl Transport {
     }
 }
 
-/// An async reqwest client with rustls (ring): web PKI roots, plus `ca` when given, plus a
-/// client identity for mutual TLS.
-fn http_client(
-    ca: Option<PathBuf>,
-    identity: Option<(PathBuf, PathBuf)>,
-    timeout: Duration,
-) -> Result<reqwest::Client, ExportError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-    let tls_err = |path: &PathBuf, what: String| ExportError::TlsFile {
-        path: path.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = &ca {
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| tls_err(ca, e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_err(ca, e.to_string()))?;
-        if certs.is_empty() {
-            return Err(tls_err(ca, "no PEM certificate in file".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| tls_err(ca, e.to_string()))?;
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ExportError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    let config = match &identity {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| tls_err(cert, e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| tls_err(cert, e.to_string()))?;
-            let key_der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| tls_err(cert, e.to_string()))?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(timeout)
-        .build()
-        .map_err(|e| ExportError::Tls(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The defaults live in `crate::config`; they are still the SDKs' (the HTTP one being the
+    /// default base with the path an `OTEL_EXPORTER_OTLP_ENDPOINT` base gets).
+    #[test]
+    fn default_endpoints_are_the_sdks() {
+        assert_eq!(DEFAULT_GRPC_ENDPOINT, "http://localhost:4317");
+        assert_eq!(
+            DEFAULT_HTTP_ENDPOINT,
+            format!("http://localhost:4318{HTTP_PATH}")
+        );
+    }
+
     #[test]
     fn header_lists_parse_like_the_sdks() {
         assert_eq!(
-            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= "),
+            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= ").0,
             [("a".into(), "1".into()), ("b".into(), "x y".into())]
+        );
+    }
+
+    /// The pairs the SDKs skip without a word are skipped here too, with the reason the
+    /// configuration would give; a value with a stray `%` is one of them (the SDK sends it
+    /// undecoded), a pair with an empty value is not malformed but sets no header.
+    #[test]
+    fn skipped_header_pairs_are_reported_as_the_configuration_would() {
+        assert_eq!(
+            parse_header_list(" a = 1 ,b=x%20y,,bad, =v,c= ,d=50%,e=%FF"),
+            (
+                vec![("a".into(), "1".into()), ("b".into(), "x y".into())],
+                vec![
+                    HeaderPairError::NoEquals(4),
+                    HeaderPairError::EmptyKey(5),
+                    HeaderPairError::BadEscape("d".into()),
+                    HeaderPairError::NotUtf8("e".into()),
+                ]
+            )
         );
     }
 }

@@ -487,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn attributes_follow_the_contract_sorted_by_key() {
+    fn attributes_follow_the_metric_reference_sorted_by_key() {
         let mut inv = Inventory::new();
         let tel = Owner::new();
         tel.add(1, "qemu:///system", None, None);

@@ -77,7 +77,7 @@ mod tests {
     }
 
     #[test]
-    fn resource_carries_the_contract_attributes() {
+    fn resource_carries_the_metric_reference_attributes() {
         let r = build("node-a");
         let get = |k: &str| r.get(&Key::from(k.to_string())).map(|v| v.to_string());
         assert_eq!(get("host.name"), Some(crate::node::host_name()));

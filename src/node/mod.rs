@@ -132,7 +132,7 @@ pub fn probe_kvm(path: &Path) -> KvmStatus {
     if let Err(status) = kvm::check_device(meta.file_type().is_char_device(), meta.rdev()) {
         return status;
     }
-    kvm::api_version(crate::source::ffi::kvm_api_version(&file).map_err(|e| e.raw_os_error()))
+    kvm::api_version(crate::ffi::kvm::get_api_version(&file).map_err(|e| e.raw_os_error()))
 }
 
 /// Probe the MSHV device at `path` (normally [`mshv::MSHV_DEVICE`]): present, openable

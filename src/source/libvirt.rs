@@ -11,9 +11,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{watch, Notify};
 use virt::error::ErrorNumber;
 
-use super::ffi::{DomainHandle, RawLifecycle, Watched};
 use super::{CloseReason, Feeds, SourceEvent};
 use crate::domain::{parse_domain_xml, DomainFacts, Wants, XmlError};
+use crate::ffi::libvirt::{DomainHandle, RawLifecycle, Watched};
 use crate::inventory::{DomainRef, Lifecycle};
 
 /// A libvirt call failed.

@@ -7,8 +7,6 @@
 //! [`libvirt::fetch_domain`] on blocking threads, so a slow daemon never stalls the loop.
 
 pub mod event_loop;
-#[allow(unsafe_code)]
-pub mod ffi;
 pub mod libvirt;
 
 use crate::inventory::{DomainRef, Lifecycle};
@@ -20,7 +18,7 @@ pub struct SourceEvent {
     pub event: Lifecycle,
     pub detail: i32,
     /// The event's domain object, for a fetch without a lookup.
-    pub handle: Option<ffi::DomainHandle>,
+    pub handle: Option<crate::ffi::libvirt::DomainHandle>,
 }
 
 /// The receiving ends of what a connection's callbacks report, all fed from the event-loop thread

@@ -1,4 +1,4 @@
-//! Every raw libvirt call of the agent lives here: the calls the `virt` crate does not wrap
+//! The raw libvirt calls of the agent: the calls the `virt` crate does not wrap
 //! (`virConnectDomainEventRegisterAny`, `virConnectRegisterCloseCallback` and their
 //! deregistrations) and an explicit close that reports errors instead of panicking (the `virt`
 //! crate's `Drop` for `Connect`/`Domain` panics when the release fails).
@@ -319,29 +319,5 @@ unsafe extern "C" fn free_close_sink(opaque: *mut c_void) {
     if !opaque.is_null() {
         // SAFETY: libvirt calls the free function exactly once for the registered opaque.
         drop(unsafe { Box::from_raw(opaque as *mut CloseSink) });
-    }
-}
-
-/// `KVM_GET_API_VERSION` (`_IO(KVMIO, 0x00)`, `KVMIO` = 0xAE) on an open `/dev/kvm`: the KVM API
-/// version (12 on every Linux since 2.6.22). The node KVM check (`crate::node`) calls it only on
-/// the KVM character device (10:232), opened read-only; it creates nothing.
-pub fn kvm_api_version(kvm: &std::fs::File) -> std::io::Result<i32> {
-    use std::os::fd::AsRawFd;
-    // The request's type differs between C libraries (unsigned long in glibc, int in musl).
-    const KVM_GET_API_VERSION: u32 = 0xAE00;
-    // SAFETY: the descriptor is open for the whole call (`kvm` is borrowed); the request's
-    // argument is a plain integer that must be 0 (KVM answers EINVAL otherwise, so it is passed
-    // explicitly, full width), and the kernel neither reads nor writes user memory for it.
-    let rc = unsafe {
-        libc::ioctl(
-            kvm.as_raw_fd(),
-            KVM_GET_API_VERSION as _,
-            0 as libc::c_ulong,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
     }
 }
