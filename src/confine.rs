@@ -225,7 +225,6 @@ impl Plan {
         plan.tcp_connect = Some(ports);
         plan.tcp_bind.extend(cfg.health.addr().map(|a| a.port()));
         plan.read = SYSTEM_FILES.iter().map(PathBuf::from).collect();
-        plan.read.extend(config_file.map(config_dir));
         plan.read.extend(tls.iter().cloned());
         if let Some(home) = std::env::var_os("HOME") {
             plan.read.push(Path::new(&home).join(".config/libvirt"));
@@ -248,6 +247,8 @@ impl Plan {
                 }
             }
         }
+        plan.read
+            .extend(config_file.map(|file| config_dir(file, &plan.list)));
         plan
     }
 }
@@ -260,11 +261,16 @@ const SHARED_DIRS: &[&str] = &[
 
 /// What to allow for reading the configuration file: its directory, so that a reload reads the
 /// file that an editor or a ConfigMap update put in its place (a new inode, which a rule on the
-/// old file would not cover), unless that directory is shared by the whole system.
-fn config_dir(file: &Path) -> PathBuf {
+/// old file would not cover), unless that directory is shared by the whole system or overlaps a
+/// directory that may only be listed (`listed`: the discovery roots, whose files are other pods').
+fn config_dir(file: &Path, listed: &[PathBuf]) -> PathBuf {
     match file.parent() {
         Some(dir)
-            if !dir.as_os_str().is_empty() && !SHARED_DIRS.iter().any(|d| dir == Path::new(d)) =>
+            if !dir.as_os_str().is_empty()
+                && !SHARED_DIRS.iter().any(|d| dir == Path::new(d))
+                && !listed
+                    .iter()
+                    .any(|l| l.starts_with(dir) || dir.starts_with(l)) =>
         {
             dir.to_path_buf()
         }
@@ -425,7 +431,7 @@ mod tests {
 
     #[test]
     fn the_config_files_directory_is_readable_unless_it_is_shared() {
-        let dir = |f: &str| config_dir(Path::new(f));
+        let dir = |f: &str| config_dir(Path::new(f), &[PathBuf::from("/var/lib/kubelet")]);
         assert_eq!(
             dir("/etc/virt-hypervisor-agent/config.yaml"),
             PathBuf::from("/etc/virt-hypervisor-agent")
@@ -433,6 +439,12 @@ mod tests {
         assert_eq!(dir("/etc/vha.yaml"), PathBuf::from("/etc/vha.yaml"));
         assert_eq!(dir("/tmp/vha.yaml"), PathBuf::from("/tmp/vha.yaml"));
         assert_eq!(dir("vha.yaml"), PathBuf::from("vha.yaml"));
+        // Next to (or above, or below) the kubelet root: only the file, never other pods' files.
+        assert_eq!(dir("/var/lib/vha.yaml"), PathBuf::from("/var/lib/vha.yaml"));
+        assert_eq!(
+            dir("/var/lib/kubelet/vha/config.yaml"),
+            PathBuf::from("/var/lib/kubelet/vha/config.yaml")
+        );
     }
 
     #[test]

@@ -83,10 +83,16 @@ impl Walker {
         value: &Value,
         allowed: impl Into<String>,
     ) {
+        // A header's value may be a credential (`authorization=Bearer …`): never repeat it.
+        let shown = if key == "export.headers" || key.starts_with("export.headers.") {
+            "(value not shown: headers can carry credentials)".to_string()
+        } else {
+            render(value)
+        };
         self.errors.push(ConfigError::Invalid {
             key: key.to_string(),
             what,
-            value: render(value),
+            value: shown,
             origin: self.origin(key, value),
             allowed: allowed.into(),
         });
