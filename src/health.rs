@@ -103,7 +103,7 @@ pub fn loops_alive() -> bool {
     event_loop::is_alive(STALE_AFTER)
 }
 
-/// Stamp `health` every [`BEAT_PERIOD`] while [`loops_alive`], until `stop` turns true.
+/// Stamp `health` every [`BEAT_PERIOD`] while [`loops_alive`], until `stop` says stop.
 pub async fn heartbeat(health: Arc<Health>, mut stop: StopSignal) {
     event_loop::enable_heartbeat();
     let mut tick = tokio::time::interval(BEAT_PERIOD);
@@ -147,7 +147,7 @@ pub fn respond<B>(health: &Health, req: &Request<B>) -> Response<String> {
     response
 }
 
-/// Serve `listener` until `stop` turns true; then close every open connection.
+/// Serve `listener` until `stop` says stop; then close every open connection.
 pub async fn serve(listener: TcpListener, health: Arc<Health>, mut stop: StopSignal) {
     let mut conns = JoinSet::new();
     loop {

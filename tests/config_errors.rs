@@ -5,7 +5,6 @@
 //! The environment is always given as a map (`LoadOptions::env`), never taken from the process.
 
 use std::collections::{BTreeMap, HashMap};
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,14 +57,7 @@ fn load_ok(layers: Layers<'_>) -> AgentConfig {
 
 /// The error and all its sources, as the binary prints them.
 fn chain(err: &ConfigError) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+    virt_hypervisor_agent::logging::error_chain(err)
 }
 
 fn yaml(text: &'static str) -> Layers<'static> {

@@ -36,7 +36,7 @@ pub enum Change {
     Rejected(PathBuf, paths::Rejection),
 }
 
-/// Run discovery until `stop` turns true or the receiver of `changes` is gone.
+/// Run discovery until `stop` says stop or the receiver of `changes` is gone.
 pub async fn run(cfg: DiscoverConfig, changes: mpsc::Sender<Change>, mut stop: StopSignal) {
     let globs = paths::absolute_globs(&cfg);
     let (levels, deep) = paths::watch_patterns(&globs);

@@ -145,8 +145,8 @@ pub fn probe_mshv(path: &Path) -> MshvStatus {
 }
 
 /// Check KVM at `device` (normally [`kvm::KVM_DEVICE`], with the kernel's entry `sysfs` when it
-/// is absent: [`probe_kvm_node`]) now and then every `every` (`0`: only now) until `stop` turns
-/// true, and publish each change through `owner` (which pushes an export).
+/// is absent: [`probe_kvm_node`]) now and then every `every` (`0`: only now) until `stop` says
+/// stop, and publish each change through `owner` (which pushes an export).
 pub async fn watch_kvm(
     device: PathBuf,
     sysfs: PathBuf,
@@ -155,21 +155,21 @@ pub async fn watch_kvm(
     stop: StopSignal,
 ) {
     let probe = move || probe_kvm_node(&device, &sysfs);
-    let on_change = || owner.touch();
-    watch_with(
-        probe,
-        KVM_PROBE_TIMEOUT,
-        owner.telemetry(),
-        on_change,
-        every,
-        stop,
-    )
-    .await
+    watch_publishing(probe, owner, every, stop).await
 }
 
 /// [`watch_kvm`] for the MSHV device at `device` (normally [`mshv::MSHV_DEVICE`]).
 pub async fn watch_mshv(device: PathBuf, owner: Owner, every: Duration, stop: StopSignal) {
     let probe = move || probe_mshv(&device);
+    watch_publishing(probe, owner, every, stop).await
+}
+
+/// [`watch_with`] publishing through `owner`: each change is recorded and pushed.
+async fn watch_publishing<S, P>(probe: P, owner: Owner, every: Duration, stop: StopSignal)
+where
+    S: Capability,
+    P: Fn() -> S + Clone + Send + 'static,
+{
     let on_change = || owner.touch();
     watch_with(
         probe,

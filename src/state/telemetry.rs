@@ -17,10 +17,27 @@ pub struct Telemetry {
     events: [AtomicU64; Lifecycle::ALL.len()],
     xml_errors: [AtomicU64; XML_ERROR_KINDS.len()],
     rejected: [AtomicU64; Rejection::ALL.len()],
-    /// Node KVM capability: 0 not checked yet, 1 unavailable, 2 available.
-    kvm: AtomicU8,
-    /// Node MSHV capability (`/dev/mshv`), encoded like `kvm`.
-    mshv: AtomicU8,
+    /// Node KVM capability.
+    kvm: Answer,
+    /// Node MSHV capability (`/dev/mshv`).
+    mshv: Answer,
+}
+
+/// A yes or no that is not known until first set, read without a lock.
+#[derive(Debug, Default)]
+struct Answer(AtomicU8);
+
+impl Answer {
+    fn set(&self, yes: bool) {
+        self.0.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v == 2),
+        }
+    }
 }
 
 impl Telemetry {
@@ -74,30 +91,22 @@ impl Telemetry {
 
     /// Record the result of the node KVM check.
     pub fn set_kvm_available(&self, available: bool) {
-        self.kvm
-            .store(if available { 2 } else { 1 }, Ordering::Relaxed);
+        self.kvm.set(available)
     }
 
     /// Whether this node can run KVM guests; `None` until the first check finished.
     pub fn kvm_available(&self) -> Option<bool> {
-        match self.kvm.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v == 2),
-        }
+        self.kvm.get()
     }
 
     /// Record the result of the node MSHV check.
     pub fn set_mshv_available(&self, available: bool) {
-        self.mshv
-            .store(if available { 2 } else { 1 }, Ordering::Relaxed);
+        self.mshv.set(available)
     }
 
     /// Whether this node can run guests on the Microsoft Hypervisor; `None` until the first
     /// check finished.
     pub fn mshv_available(&self) -> Option<bool> {
-        match self.mshv.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v == 2),
-        }
+        self.mshv.get()
     }
 }
