@@ -155,20 +155,21 @@ impl Owner {
         self.write(|inv| inv.add_connection(id));
     }
 
-    /// Drop connection `id`'s domains and state now, while its task still closes; until
+    /// Drop connection `id`'s domains and state now (domains first: a collection in between never
+    /// sees a domain without its connection's attributes), while its task still closes; until
     /// [`forget`](Self::forget) whatever it still reports is ignored.
     pub fn retire(&self, id: ConnId) {
-        lock(&self.core.conns).change(|t| t.remove(&id));
         self.write(|inv| inv.retire_connection(id));
+        lock(&self.core.conns).change(|t| t.remove(&id));
     }
 
     /// Connection `id`'s task ended: forget it and whatever it still had.
     pub fn forget(&self, id: ConnId) {
-        lock(&self.core.conns).change(|t| t.remove(&id));
         self.write(|inv| {
             inv.forget_retired(id);
             inv.remove_connection(id)
         });
+        lock(&self.core.conns).change(|t| t.remove(&id));
     }
 
     /// Count and apply a lifecycle event; returns the XML read to perform, if any.
