@@ -270,6 +270,24 @@ fn wait_log(
     Instant::now()
 }
 
+/// Wait until the agent's log has at least `count` lines with `needle` (as [`wait_log`]); the last
+/// of them.
+fn wait_last_log_line(
+    agent: &Agent,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+    what: &str,
+) -> String {
+    wait_log(agent, &[needle], count, timeout, what);
+    agent
+        .log()
+        .lines()
+        .rfind(|l| l.contains(needle))
+        .unwrap()
+        .to_string()
+}
+
 /// A domain of a pool: plain (`<base>-<tag>`) or KubeVirt-named (`<base>-<tag>_vm`, with or without
 /// KubeVirt metadata).
 #[derive(Clone, Debug)]
@@ -1032,9 +1050,6 @@ impl Model {
     }
 }
 
-/// A virsh bound to one daemon.
-type Virsh<'a> = Box<dyn Fn(&[&str]) -> anyhow::Result<String> + Send + 'a>;
-
 /// Run one operation (`define <metadata>` is ours; everything else is a virsh command).
 fn run_op(virsh: &dyn Fn(&[&str]) -> anyhow::Result<String>, m: &Model, op: &[String]) {
     let r = if op[0] == "define" {
@@ -1074,6 +1089,108 @@ impl Drop for SystemPool {
             let _ = common::libvirt::virsh(&["undefine", name]);
         }
     }
+}
+
+/// A virsh bound to one daemon.
+type Virsh<'a> = Box<dyn Fn(&[&str]) -> anyhow::Result<String> + Send + 'a>;
+
+/// One round of a churn driver: per domain (an index into the models), its operations in the
+/// order drawn.
+type Plans = BTreeMap<usize, Vec<Vec<String>>>;
+
+/// Draw one round's operations from the seeded RNG, in a fixed order: for each of `hosts` in turn,
+/// `count` operations (drawn first), each on one of that host's domains picked at random; the
+/// models follow every operation drawn.
+fn draw_plans(
+    models: &mut [Model],
+    hosts: &[Host],
+    rng: &mut Rng,
+    count: impl Fn(Host, &mut Rng) -> usize,
+) -> Plans {
+    let mut plans = Plans::new();
+    for host in hosts {
+        let idx: Vec<usize> = (0..models.len())
+            .filter(|i| models[*i].host == *host)
+            .collect();
+        for _ in 0..count(*host, rng) {
+            let i = idx[rng.below(idx.len())];
+            let op = models[i].next_op(rng);
+            plans.entry(i).or_default().push(op);
+        }
+    }
+    plans
+}
+
+/// Run round `round`'s `plans` in `scope`: one thread per domain, running that domain's operations
+/// in order on its daemon (`daemons[d]` for `Host::Session(d)`), so domains run in parallel and a
+/// connection sees concurrent transitions. Each operation is logged to `ops` before it runs; a
+/// thread done with its domain pushes the instant to `done`, when given.
+fn spawn_plans<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    round: usize,
+    plans: &'env Plans,
+    models: &'env [Model],
+    daemons: &'env [SessionDaemon],
+    ops: &'env Mutex<Vec<String>>,
+    done: Option<&'env Mutex<Vec<Instant>>>,
+) {
+    for (i, plan) in plans {
+        let m = &models[*i];
+        scope.spawn(move || {
+            let virsh: Virsh<'_> = match m.host {
+                Host::Session(d) => Box::new(move |a: &[&str]| daemons[d].virsh(a)),
+                Host::System => Box::new(common::libvirt::virsh),
+            };
+            for op in plan {
+                ops.lock().unwrap().push(format!(
+                    "round {round}: {:?} {} ({})",
+                    m.host,
+                    op.join(" "),
+                    m.dom.name
+                ));
+                run_op(&*virsh, m, op);
+            }
+            if let Some(done) = done {
+                done.lock().unwrap().push(Instant::now());
+            }
+        });
+    }
+}
+
+/// A check of the driver at a quiescent checkpoint: the models agree with `virsh list` on which
+/// domains are active, on the session `daemons` and, with `system: Some(base)`, on the system
+/// daemon (only the domains named `base…`: it may run other users' domains).
+fn assert_models_match_virsh(
+    round: usize,
+    models: &[Model],
+    daemons: &[SessionDaemon],
+    system: Option<&str>,
+) {
+    let mut modelled: Vec<&str> = models
+        .iter()
+        .filter(|m| m.active.is_some())
+        .map(|m| m.dom.name.as_str())
+        .collect();
+    modelled.sort();
+    let mut listed: Vec<String> = daemons
+        .iter()
+        .flat_map(|d| d.active_domains().unwrap())
+        .collect();
+    if let Some(base) = system {
+        listed.extend(
+            common::libvirt::virsh(&["list", "--name"])
+                .unwrap()
+                .lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with(base))
+                .map(String::from),
+        );
+    }
+    listed.sort();
+    assert_eq!(
+        modelled, listed,
+        "round {round}: the driver's model vs virsh list"
+    );
 }
 
 #[test]
@@ -1178,45 +1295,12 @@ fn churn_oracle() {
             }
             h
         };
-        // Operations per domain, in the order drawn; domains run in parallel (each domain's own
-        // operations in order), so a connection sees concurrent transitions.
-        let mut plans: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
-        for host in &hosts {
-            let idx: Vec<usize> = (0..models.len())
-                .filter(|i| models[*i].host == *host)
-                .collect();
-            let count = match host {
-                Host::Session(_) => 5 + rng.below(4),
-                Host::System => 1 + rng.below(2),
-            };
-            for _ in 0..count {
-                let i = idx[rng.below(idx.len())];
-                let op = models[i].next_op(&mut rng);
-                plans.entry(i).or_default().push(op);
-            }
-        }
-        let snapshot = models.clone();
+        let plans = draw_plans(&mut models, &hosts, &mut rng, |host, rng| match host {
+            Host::Session(_) => 5 + rng.below(4),
+            Host::System => 1 + rng.below(2),
+        });
         std::thread::scope(|scope| {
-            for (i, plan) in &plans {
-                let m = &snapshot[*i];
-                let daemons = &daemons;
-                let ops = &ops;
-                scope.spawn(move || {
-                    let virsh: Virsh<'_> = match m.host {
-                        Host::Session(d) => Box::new(move |a: &[&str]| daemons[d].virsh(a)),
-                        Host::System => Box::new(common::libvirt::virsh),
-                    };
-                    for op in plan {
-                        ops.lock().unwrap().push(format!(
-                            "round {round}: {:?} {} ({})",
-                            m.host,
-                            op.join(" "),
-                            m.dom.name
-                        ));
-                        run_op(&*virsh, m, op);
-                    }
-                });
-            }
+            spawn_plans(scope, round, &plans, &models, &daemons, &ops, None);
         });
         total_ops += plans.values().map(Vec::len).sum::<usize>();
 
@@ -1257,31 +1341,11 @@ fn churn_oracle() {
         // Quiescent checkpoint: the receiver's series equal the truth exactly.
         let since = Instant::now();
         let t = truth(&daemons);
-        // The model must agree with virsh on which domains are active (a check of the driver).
-        let mut modelled: Vec<&str> = models
-            .iter()
-            .filter(|m| m.active.is_some())
-            .map(|m| m.dom.name.as_str())
-            .collect();
-        modelled.sort();
-        let mut listed: Vec<String> = daemons
-            .iter()
-            .flat_map(|d| d.active_domains().unwrap())
-            .collect();
-        if kvm.is_ok() {
-            listed.extend(
-                common::libvirt::virsh(&["list", "--name"])
-                    .unwrap()
-                    .lines()
-                    .map(str::trim)
-                    .filter(|n| n.starts_with(&base))
-                    .map(String::from),
-            );
-        }
-        listed.sort();
-        assert_eq!(
-            modelled, listed,
-            "round {round}: the driver's model vs virsh list"
+        assert_models_match_virsh(
+            round,
+            &models,
+            &daemons,
+            kvm.is_ok().then_some(base.as_str()),
         );
         let obs = wait_truth(
             &rx,
@@ -1630,6 +1694,7 @@ fn reload_under_churn() {
             });
         }
     }
+    let hosts: Vec<Host> = (0..DAEMONS).map(Host::Session).collect();
 
     // The configuration file in its own directory (readable under Landlock), replaced atomically.
     let config_dir = tempfile::tempdir().unwrap();
@@ -1760,19 +1825,8 @@ fn reload_under_churn() {
 
         // Operations per domain (in the order drawn), domains in parallel, as in churn_oracle;
         // the reload lands somewhere in the middle of them.
-        let mut plans: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
-        for d in 0..DAEMONS {
-            let idx: Vec<usize> = (0..models.len())
-                .filter(|i| models[*i].host == Host::Session(d))
-                .collect();
-            for _ in 0..4 + rng.below(4) {
-                let i = idx[rng.below(idx.len())];
-                let op = models[i].next_op(&mut rng);
-                plans.entry(i).or_default().push(op);
-            }
-        }
+        let plans = draw_plans(&mut models, &hosts, &mut rng, |_, rng| 4 + rng.below(4));
         let delay = Duration::from_millis(rng.below(600) as u64);
-        let snapshot = models.clone();
         // The reload's log line, looked for from the SIGHUP on (the operations still run).
         let (needle, count) = if invalid {
             ("configuration not reloaded", refused + 1)
@@ -1782,25 +1836,15 @@ fn reload_under_churn() {
         let hup_to_line = Mutex::new(None);
         let ops_done = Mutex::new(Vec::new());
         std::thread::scope(|scope| {
-            for (i, plan) in &plans {
-                let m = &snapshot[*i];
-                let (daemons, ops, ops_done) = (&daemons, &ops, &ops_done);
-                scope.spawn(move || {
-                    let Host::Session(d) = m.host else {
-                        unreachable!("session daemons only")
-                    };
-                    for op in plan {
-                        ops.lock().unwrap().push(format!(
-                            "round {round}: {:?} {} ({})",
-                            m.host,
-                            op.join(" "),
-                            m.dom.name
-                        ));
-                        run_op(&|a: &[&str]| daemons[d].virsh(a), m, op);
-                    }
-                    ops_done.lock().unwrap().push(Instant::now());
-                });
-            }
+            spawn_plans(
+                scope,
+                round,
+                &plans,
+                &models,
+                &daemons,
+                &ops,
+                Some(&ops_done),
+            );
             let (next, uris, endpoint) = (&next, &uris, &endpoint);
             let (config_path, ops, hup_to_line, agent) = (&config_path, &ops, &hup_to_line, &agent);
             scope.spawn(move || {
@@ -1825,18 +1869,13 @@ fn reload_under_churn() {
         // The reload's outcome in the log: one more line of the right kind, saying what changed.
         if invalid {
             refused += 1;
-            wait_log(
+            let line = wait_last_log_line(
                 &agent,
-                &[needle],
+                needle,
                 refused,
                 CHECKPOINT_TIMEOUT,
                 &format!("round {round}: the invalid file"),
             );
-            let log = agent.log();
-            let line = log
-                .lines()
-                .rfind(|l| l.contains("configuration not reloaded"))
-                .unwrap();
             assert!(
                 line.contains("libvirt.fetch_timeout")
                     && line.contains("the running configuration is kept"),
@@ -1844,18 +1883,13 @@ fn reload_under_churn() {
             );
         } else {
             reloaded += 1;
-            wait_log(
+            let line = wait_last_log_line(
                 &agent,
-                &[needle],
+                needle,
                 reloaded,
                 CHECKPOINT_TIMEOUT,
                 &format!("round {round}: the reload"),
             );
-            let log = agent.log();
-            let line = log
-                .lines()
-                .rfind(|l| l.contains("configuration reloaded"))
-                .unwrap();
             let names = |ds: &[usize]| -> Vec<&str> { ds.iter().map(|d| &*uris[*d]).collect() };
             for want in [
                 format!("added={:?}", names(&added)),
@@ -1889,21 +1923,7 @@ fn reload_under_churn() {
         // truth of the daemons the running configuration lists.
         let since = Instant::now();
         let per_daemon = truths(&daemons);
-        let mut modelled: Vec<&str> = models
-            .iter()
-            .filter(|m| m.active.is_some())
-            .map(|m| m.dom.name.as_str())
-            .collect();
-        modelled.sort();
-        let mut listed: Vec<String> = daemons
-            .iter()
-            .flat_map(|d| d.active_domains().unwrap())
-            .collect();
-        listed.sort();
-        assert_eq!(
-            modelled, listed,
-            "round {round}: the driver's model vs virsh list"
-        );
+        assert_models_match_virsh(round, &models, &daemons, None);
         let obs = checkpoint(
             &mut agent,
             &applied,
