@@ -27,8 +27,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::receiver::{describe, Receiver, Recorded};
-use common::session::{fd_count, require_session_daemons, start_all, Pod, Vmi, Workspace};
-use common::Agent;
+use common::session::{require_session_daemons, settled_fds, start_all, Pod, Vmi, Workspace};
+use common::{signed_ms, Agent};
 
 const METRIC: &str = "kubevirt_vmi_hypervisor_info";
 const UP: &str = "virt_hypervisor_agent_connection_up";
@@ -248,20 +248,6 @@ impl ProcSnap {
     }
 }
 
-/// The agent's open descriptors once they stop changing (3 equal samples 100 ms apart, at most 3 s).
-fn settled_fds(pid: u32) -> usize {
-    let mut last = fd_count(pid).unwrap_or(0);
-    let mut same = 0;
-    let start = Instant::now();
-    while same < 3 && start.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = fd_count(pid).unwrap_or(0);
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-    }
-    last
-}
-
 /// Resident memory (kB) of all processes of one pod (libvirtd, QEMU, virtlogd).
 fn pod_rss_kb(pod: &Pod) -> u64 {
     pod.daemon
@@ -273,20 +259,6 @@ fn pod_rss_kb(pod: &Pod) -> u64 {
 
 // ---------------------------------------------------------------------------------------------
 // What the agent exported
-
-fn node_of(r: &Recorded) -> Option<String> {
-    r.resources()
-        .into_iter()
-        .find_map(|res| res.get("k8s.node.name").cloned())
-}
-
-fn from_node(r: &Recorded, node: &str) -> bool {
-    r.has_metrics() && node_of(r).as_deref() == Some(node)
-}
-
-fn key(vmi: &Vmi) -> (String, String) {
-    (vmi.namespace.clone(), vmi.name.clone())
-}
 
 /// `(namespace, name)` of the request's series of the metric, and whether one is duplicated.
 fn exported(r: &Recorded) -> (BTreeSet<(String, String)>, bool) {
@@ -302,14 +274,6 @@ fn exported(r: &Recorded) -> (BTreeSet<(String, String)>, bool) {
         .collect();
     let dup = set.len() != series.len();
     (set, dup)
-}
-
-fn signed_ms(t: Instant, origin: Instant) -> f64 {
-    if t >= origin {
-        (t - origin).as_secs_f64() * 1000.0
-    } else {
-        -((origin - t).as_secs_f64() * 1000.0)
-    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -395,7 +359,7 @@ fn wait_exact(
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(500));
         match rx.wait_for_request(since, slice, |r| {
-            from_node(r, NODE) && exported(r).0 == *want
+            r.has_metrics_from(NODE) && exported(r).0 == *want
         }) {
             Ok(obs) => return obs.request,
             Err(e) => {
@@ -407,7 +371,7 @@ fn wait_exact(
                         .requests()
                         .into_iter()
                         .rev()
-                        .find(|r| from_node(r, NODE))
+                        .find(|r| r.has_metrics_from(NODE))
                         .map(|r| format!("#{}: {} series", r.seq, r.series(METRIC).len()))
                         .unwrap_or_else(|| "(nothing yet)".into());
                     panic!("{what}: not seen within {timeout:?}: {e:#}\ncurrent: {current}");
@@ -448,7 +412,7 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     let baseline = {
         let mut agent = spawn_agent(&ws, EMPTY_NODE, &empty_root, &rx);
         rx.wait_for_request(agent.started(), Duration::from_secs(30), |r| {
-            from_node(r, EMPTY_NODE)
+            r.has_metrics_from(EMPTY_NODE)
         })
         .unwrap_or_else(|e| panic!("baseline agent: no export: {e:#}\n{}", agent.log_tail(30)));
         std::thread::sleep(Duration::from_secs(1));
@@ -472,7 +436,7 @@ fn kubevirt_scale_50_pods_one_event_loop() {
         pod_rss_kb(&pods[0].0) as f64 / 1024.0,
         meminfo_mb("MemAvailable")
     );
-    let mut current: BTreeSet<(String, String)> = pods.iter().map(|(_, v)| key(v)).collect();
+    let mut current: BTreeSet<(String, String)> = pods.iter().map(|(_, v)| v.key()).collect();
     assert_eq!(current.len(), n);
 
     let mut agent = spawn_agent(&ws, NODE, &root, &rx);
@@ -497,7 +461,7 @@ fn kubevirt_scale_50_pods_one_event_loop() {
     // Every connection is up (self-metric), in the latest request.
     let wait_up = Instant::now();
     let up_ok = rx.wait_for_request(spawned, Duration::from_secs(30), |r| {
-        from_node(r, NODE)
+        r.has_metrics_from(NODE)
             && r.series(UP)
                 .iter()
                 .filter(|s| s.value.as_f64() == 1.0)
@@ -511,7 +475,7 @@ fn kubevirt_scale_50_pods_one_event_loop() {
         rx.requests()
             .into_iter()
             .rev()
-            .find(|r| from_node(r, NODE))
+            .find(|r| r.has_metrics_from(NODE))
             .map(|r| describe(&r.series(UP)))
             .unwrap_or_default()
     );
@@ -600,9 +564,9 @@ fn kubevirt_scale_50_pods_one_event_loop() {
                 panic!("{what}: {e:#}");
             }
             if stop {
-                current.remove(&key(vmi));
+                current.remove(&vmi.key());
             } else {
-                current.insert(key(vmi));
+                current.insert(vmi.key());
             }
             let r = wait_exact(&rx, &mut agent, &what, began, TRANSITION_TIMEOUT, &current);
             assert!(!exported(&r).1, "{what}: duplicate series in #{}", r.seq);

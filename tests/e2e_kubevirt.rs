@@ -37,9 +37,10 @@ use std::time::{Duration, Instant};
 
 use common::receiver::{describe, Receiver, Recorded, Series};
 use common::session::{
-    fd_count, free_port, require_session_daemons, start_all, Pod, SessionDaemon, Vmi, Workspace,
+    fd_count, free_port, require_session_daemons, settled_fds, start_all, Pod, SessionDaemon, Vmi,
+    Workspace,
 };
-use common::{wait_until, Agent};
+use common::{signed_ms, wait_until, Agent};
 
 const METRIC: &str = "kubevirt_vmi_hypervisor_info";
 const UP: &str = "virt_hypervisor_agent_connection_up";
@@ -138,20 +139,12 @@ impl Drop for Table {
 // ---------------------------------------------------------------------------------------------
 // What one agent exported
 
-/// The node (resource `k8s.node.name`) that sent `r`.
-fn node_of(r: &Recorded) -> Option<String> {
-    r.resources()
-        .into_iter()
-        .find_map(|res| res.get("k8s.node.name").cloned())
-}
-
-fn from_node(r: &Recorded, node: &str) -> bool {
-    r.has_metrics() && node_of(r).as_deref() == Some(node)
-}
-
 /// The latest request of `node` that carries metrics (its current state).
 fn latest(rx: &Receiver, node: &str) -> Option<Recorded> {
-    rx.requests().into_iter().rev().find(|r| from_node(r, node))
+    rx.requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.has_metrics_from(node))
 }
 
 /// `(namespace, name)` of every series (namespace `""` when absent).
@@ -167,18 +160,14 @@ fn keys(series: &[Series]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn key(vmi: &Vmi) -> (String, String) {
-    (vmi.namespace.clone(), vmi.name.clone())
-}
-
 /// The request's series of the metric are exactly `expected` (as a set).
 fn shows_exactly(r: &Recorded, expected: &BTreeSet<Vmi>) -> bool {
     let got: BTreeSet<(String, String)> = keys(&r.series(METRIC)).into_iter().collect();
-    got == expected.iter().map(key).collect()
+    got == expected.iter().map(Vmi::key).collect()
 }
 
 fn shows(r: &Recorded, vmi: &Vmi) -> bool {
-    keys(&r.series(METRIC)).contains(&key(vmi))
+    keys(&r.series(METRIC)).contains(&vmi.key())
 }
 
 /// Every series of `r` has exactly the attributes of the README's "Metric reference" (with
@@ -342,7 +331,7 @@ where
         let slice = deadline
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(500));
-        match rx.wait_for_request(span.began, slice, |r| from_node(r, node) && pred(r)) {
+        match rx.wait_for_request(span.began, slice, |r| r.has_metrics_from(node) && pred(r)) {
             Ok(obs) => {
                 let r = obs.request;
                 let ms = signed_ms(r.at, span.returned);
@@ -373,14 +362,6 @@ where
     }
 }
 
-fn signed_ms(t: Instant, origin: Instant) -> f64 {
-    if t >= origin {
-        (t - origin).as_secs_f64() * 1000.0
-    } else {
-        -((origin - t).as_secs_f64() * 1000.0)
-    }
-}
-
 /// Start pods `tags` in parallel, each with one running VMI `kv-<tag>/vmi-<tag>`, and publish their
 /// sockets under `kubelet_root`.
 fn start_pods(ws: &Workspace, kubelet_root: &Path, tags: &[&str]) -> Vec<(Pod, Vmi)> {
@@ -393,20 +374,6 @@ fn start_pods(ws: &Workspace, kubelet_root: &Path, tags: &[&str]) -> Vec<(Pod, V
         pod.publish()?;
         Ok((pod, vmi))
     })
-}
-
-/// The agent's open descriptors once they stop changing (3 equal samples 100 ms apart, at most 3 s).
-fn settled_fds(pid: u32) -> usize {
-    let mut last = fd_count(pid).unwrap_or(0);
-    let mut same = 0;
-    let start = Instant::now();
-    while same < 3 && start.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = fd_count(pid).unwrap_or(0);
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-    }
-    last
 }
 
 /// `virsh list` of every daemon: the VMIs that really run.
@@ -519,7 +486,7 @@ fn kubevirt_node_pod_lifecycle() {
     let kept_while_down: Vec<usize> = rx
         .requests_since(stopping)
         .iter()
-        .filter(|r| from_node(r, NODE) && r.at < removed && !shows(r, &vmi5))
+        .filter(|r| r.has_metrics_from(NODE) && r.at < removed && !shows(r, &vmi5))
         .map(|r| r.seq)
         .collect();
     assert!(
@@ -594,7 +561,7 @@ fn kubevirt_node_pod_lifecycle() {
         let lost: Vec<usize> = rx
             .requests_since(killed)
             .iter()
-            .filter(|r| from_node(r, NODE) && !shows(r, &vmis[0]))
+            .filter(|r| r.has_metrics_from(NODE) && !shows(r, &vmis[0]))
             .map(|r| r.seq)
             .collect();
         assert!(
@@ -772,7 +739,7 @@ fn both_nodes_window(
     let mut on_b = latest_before(rx, b, since).is_some_and(|r| shows(&r, vmi));
     let mut opened: Option<Instant> = None;
     for r in rx.requests_since(since) {
-        match node_of(&r) {
+        match r.node() {
             Some(n) if n == a && r.has_metrics() => on_a = shows(&r, vmi),
             Some(n) if n == b && r.has_metrics() => on_b = shows(&r, vmi),
             _ => continue,
@@ -806,7 +773,7 @@ fn latest_before(rx: &Receiver, node: &str, before: Instant) -> Option<Recorded>
     rx.requests()
         .into_iter()
         .rev()
-        .find(|r| r.at < before && from_node(r, node))
+        .find(|r| r.at < before && r.has_metrics_from(node))
 }
 
 /// Migrate `vmi` from `src` (watched by agent `from`) to `dst` (agent `to`) and check the exports.

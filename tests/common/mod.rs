@@ -36,6 +36,16 @@ where
     }
 }
 
+/// `t - origin` in milliseconds, negative when `t` came first (a change seen before the action
+/// that caused it returned).
+pub fn signed_ms(t: Instant, origin: Instant) -> f64 {
+    if t >= origin {
+        (t - origin).as_secs_f64() * 1000.0
+    } else {
+        -((origin - t).as_secs_f64() * 1000.0)
+    }
+}
+
 /// Environment variables of the parent that would change the agent's behaviour behind a test's back.
 fn inherited_noise(key: &str) -> bool {
     key.starts_with("OTEL_") || key.starts_with("VIRT_HYPERVISOR_AGENT_") || key == "NODE_NAME"

@@ -208,6 +208,19 @@ impl Recorded {
             })
             .collect()
     }
+
+    /// The node that sent this request: the resource attribute `k8s.node.name` (of the first
+    /// resource that has one).
+    pub fn node(&self) -> Option<String> {
+        self.resources()
+            .into_iter()
+            .find_map(|res| res.get("k8s.node.name").cloned())
+    }
+
+    /// The request carries metrics and was sent by `node` (one agent's current state).
+    pub fn has_metrics_from(&self, node: &str) -> bool {
+        self.has_metrics() && self.node().as_deref() == Some(node)
+    }
 }
 
 fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {

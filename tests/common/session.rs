@@ -702,6 +702,11 @@ impl Vmi {
     pub fn domain_name(&self) -> String {
         format!("{}_{}", self.namespace, self.name)
     }
+
+    /// `(namespace, name)`: how the exported series name this VMI.
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
 }
 
 /// A simulated virt-launcher pod: a session daemon, and (once published) its socket at the
@@ -875,4 +880,19 @@ pub fn fd_count(pid: u32) -> Result<usize> {
     Ok(fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("read /proc/{pid}/fd"))?
         .count())
+}
+
+/// Open descriptors of process `pid` once they stop changing (3 equal samples 100 ms apart, at
+/// most 3 s); an unreadable count is 0.
+pub fn settled_fds(pid: u32) -> usize {
+    let mut last = fd_count(pid).unwrap_or(0);
+    let mut same = 0;
+    let start = Instant::now();
+    while same < 3 && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fd_count(pid).unwrap_or(0);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
 }
