@@ -63,9 +63,8 @@ use common::pipeline::{Collector, Flavor, Prometheus};
 use common::receiver::{Receiver, Recorded};
 use common::reliability::Rng;
 use common::session::{free_port, session_daemons_available, SessionDaemon, Workspace};
-use common::Agent;
+use common::{Agent, METRIC};
 
-const METRIC: &str = "kubevirt_vmi_hypervisor_info";
 const PEER_BIN: &str = "/usr/bin/prometheus-libvirt-exporter";
 const PEER_JOB: &str = "libvirt-exporter";
 /// The peer's scrape interval (what Prometheus users typically configure for it).

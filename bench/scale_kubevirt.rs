@@ -28,10 +28,8 @@ use std::time::{Duration, Instant};
 
 use common::receiver::{describe, Receiver, Recorded};
 use common::session::{require_session_daemons, settled_fds, start_all, Pod, Vmi, Workspace};
-use common::{signed_ms, Agent};
+use common::{signed_ms, Agent, METRIC, UP};
 
-const METRIC: &str = "kubevirt_vmi_hypervisor_info";
-const UP: &str = "virt_hypervisor_agent_connection_up";
 const NODE: &str = "scale-node";
 const EMPTY_NODE: &str = "scale-empty";
 const DEFAULT_PODS: usize = 50;

@@ -40,11 +40,8 @@ use common::session::{
     fd_count, free_port, require_session_daemons, settled_fds, start_all, Pod, SessionDaemon, Vmi,
     Workspace,
 };
-use common::{signed_ms, wait_until, Agent};
+use common::{signed_ms, wait_until, Agent, METRIC, RECONNECTS, UP};
 
-const METRIC: &str = "kubevirt_vmi_hypervisor_info";
-const UP: &str = "virt_hypervisor_agent_connection_up";
-const RECONNECTS: &str = "virt_hypervisor_agent_reconnects";
 /// Bound for any expected change to show up (a reconnect included).
 const TIMEOUT: Duration = Duration::from_secs(20);
 /// A change must arrive well before the 30 s export interval: that proves push on change.

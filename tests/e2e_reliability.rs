@@ -44,11 +44,8 @@ use common::reliability::{
     Key, ProcStats, Rng,
 };
 use common::session::{require_session_daemons, SessionDaemon, Workspace};
-use common::{wait_until, Agent};
+use common::{wait_until, Agent, METRIC, RECONNECTS, UP};
 
-const METRIC: &str = "kubevirt_vmi_hypervisor_info";
-const UP: &str = "virt_hypervisor_agent_connection_up";
-const RECONNECTS: &str = "virt_hypervisor_agent_reconnects";
 const EVENTS: &str = "virt_hypervisor_agent_lifecycle_events";
 const NODE: &str = "reliability-node";
 /// The promise after a reconnect, and for a transition on a healthy connection.

@@ -19,6 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// The metric the agent exports, one series per running VMI (README "Metric reference").
+pub const METRIC: &str = "kubevirt_vmi_hypervisor_info";
+/// The agent's per-connection self-metrics: the connection is up (1) or down (0), and how often it
+/// was re-established.
+pub const UP: &str = "virt_hypervisor_agent_connection_up";
+pub const RECONNECTS: &str = "virt_hypervisor_agent_reconnects";
+
 /// Poll `cond` every 5 ms until it holds or `timeout` passes; returns how long it took.
 pub fn wait_until<F>(timeout: Duration, mut cond: F) -> Result<Duration>
 where
