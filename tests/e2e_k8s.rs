@@ -40,7 +40,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -121,6 +121,18 @@ fn prerequisites() -> Result<PathBuf, String> {
     cluster_binaries()
 }
 
+/// What `tool args…` printed on stdout; an error with its stderr when it failed.
+fn stdout_of(tool: &str, args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The cluster, stopped (by `scripts/k8s-cluster.sh stop`, which stops every process by its PID
 /// and removes mounts, the bridge and IPAM state) when dropped, also on failure.
 struct Cluster {
@@ -189,19 +201,38 @@ impl Cluster {
                 .context("kubectl stdin")?
                 .write_all(input.as_bytes())?;
         }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of("kubectl", args, child.wait_with_output()?)
     }
 
     fn apply(&self, yaml: &str) -> Result<String> {
         self.kubectl_in(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    /// Label the node `kubevirt.io/schedulable=true|false`, as KubeVirt's virt-handler does on a
+    /// node it manages (and sets to false during a KubeVirt upgrade).
+    fn label_schedulable(&self, schedulable: bool) -> Result<String> {
+        self.kubectl(&[
+            "label",
+            "node",
+            &self.node,
+            &format!("kubevirt.io/schedulable={schedulable}"),
+            "--overwrite",
+        ])
+    }
+
+    /// Advertise `devices.kubevirt.io/kvm` in the node's capacity and allocatable, as KubeVirt's
+    /// device plugin would.
+    fn advertise_kvm(&self) -> Result<String> {
+        let patch = r#"[{"op":"add","path":"/status/capacity/devices.kubevirt.io~1kvm","value":"1k"},{"op":"add","path":"/status/allocatable/devices.kubevirt.io~1kvm","value":"1k"}]"#;
+        self.kubectl(&[
+            "patch",
+            "node",
+            &self.node,
+            "--subresource=status",
+            "--type=json",
+            "-p",
+            patch,
+        ])
     }
 
     fn json(&self, args: &[&str]) -> Result<Value> {
@@ -501,15 +532,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
     let mut report = Report::default();
 
     // KubeVirt's virt-handler labels a node it manages (the old manifest selects on it).
-    cluster
-        .kubectl(&[
-            "label",
-            "node",
-            &node,
-            "kubevirt.io/schedulable=true",
-            "--overwrite",
-        ])
-        .unwrap();
+    cluster.label_schedulable(true).unwrap();
 
     // Launchers first, so that their Secret volume is a mount below the agent's hostPath when
     // the agent starts.
@@ -583,20 +606,9 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
             format!("ready {took:.1?} after apply")
         }),
     );
-    let kvm_patch = r#"[{"op":"add","path":"/status/capacity/devices.kubevirt.io~1kvm","value":"1k"},{"op":"add","path":"/status/allocatable/devices.kubevirt.io~1kvm","value":"1k"}]"#;
     if agent.is_none() {
         // Let the other phases run: advertise the device, as KubeVirt's device plugin would.
-        cluster
-            .kubectl(&[
-                "patch",
-                "node",
-                &node,
-                "--subresource=status",
-                "--type=json",
-                "-p",
-                kvm_patch,
-            ])
-            .unwrap();
+        cluster.advertise_kvm().unwrap();
         agent = cluster
             .wait_agent_ready(SCHEDULE_BOUND)
             .ok()
@@ -719,15 +731,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
 
     // (b) virt-handler sets kubevirt.io/schedulable=false (KubeVirt upgrade) while VMs run.
     let agent_uid = admitted["metadata"]["uid"].as_str().unwrap().to_string();
-    cluster
-        .kubectl(&[
-            "label",
-            "node",
-            &node,
-            "kubevirt.io/schedulable=false",
-            "--overwrite",
-        ])
-        .unwrap();
+    cluster.label_schedulable(false).unwrap();
     let t_flip = Instant::now();
     cluster
         .apply(&launcher_pod("vm-during-upgrade", false, false))
@@ -757,15 +761,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
         }
     })();
     report.check("b: agent stays while kubevirt.io/schedulable=false", b);
-    cluster
-        .kubectl(&[
-            "label",
-            "node",
-            &node,
-            "kubevirt.io/schedulable=true",
-            "--overwrite",
-        ])
-        .unwrap();
+    cluster.label_schedulable(true).unwrap();
 
     // A deleted launcher pod's series ends.
     let t = Instant::now();
@@ -834,17 +830,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
     report.check("c: hung agent restarted by the kubelet", c);
 
     // (a, continued) The node now advertises devices.kubevirt.io/kvm: the agent schedules there too.
-    cluster
-        .kubectl(&[
-            "patch",
-            "node",
-            &node,
-            "--subresource=status",
-            "--type=json",
-            "-p",
-            kvm_patch,
-        ])
-        .unwrap_or_default();
+    cluster.advertise_kvm().unwrap_or_default();
     let a2 = (|| -> Result<String> {
         let old: Vec<String> = cluster
             .agent_pods()?
@@ -899,14 +885,7 @@ fn the_shipped_daemonset_on_a_real_kubelet() {
             .stdin(Stdio::null())
             .output()
             .context("run helm")?;
-        if !out.status.success() {
-            bail!(
-                "helm {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of("helm", args, out)
     };
     let chart = format!("{ROOT}/deploy/helm/virt-hypervisor-agent");
     let (repo, tag) = IMAGE.rsplit_once(':').unwrap();
