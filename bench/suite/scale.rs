@@ -108,6 +108,20 @@ fn populate(inv: &Owner, range: std::ops::Range<usize>, conns: usize) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
+/// [`populate`] on a bare inventory, the floor of what the owner adds. Returns ns per domain.
+fn populate_bare(range: std::ops::Range<usize>, conns: usize) -> f64 {
+    let mut inv = virt_hypervisor_agent::inventory::Inventory::new();
+    let n = range.len().max(1);
+    let t = Instant::now();
+    for i in range {
+        let (dom, facts) = synthetic(i);
+        if let Some(req) = inv.apply_event(conn_of(i, conns), dom, Lifecycle::Started) {
+            inv.apply_fetch(&req, FetchOutcome::Facts(facts));
+        }
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
 /// One simulated transition pair: domain `i` stops, a new incarnation of it starts and is read.
 fn churn(inv: &Owner, i: usize, conns: usize, incarnation: u32) {
     let (mut dom, facts) = synthetic(i);
@@ -245,8 +259,11 @@ pub struct ScaleResult {
     pub conns: usize,
     pub attributes: String,
     pub collections: usize,
-    /// Inventory: apply_event(STARTED) + apply_fetch(Facts) per domain, ns (initial fill).
+    /// The state's owner: on_event(STARTED) + on_fetch(Facts) per domain, ns (initial fill).
     pub populate_ns_per_domain: f64,
+    /// The same fill applied to a bare inventory (no owner: no lock, no change signal), ns: the
+    /// floor the owner's one door is measured against.
+    pub populate_bare_ns_per_domain: f64,
     /// One stop + start + fetch applied to a full inventory, ns.
     pub churn_ns: f64,
     /// Inventory::snapshot() after a change (rebuild + sort), ms.
@@ -282,6 +299,7 @@ pub fn run_scale(
     let owner = Owner::new();
     fill_telemetry(&owner, conns);
     let populate_ns = populate(&owner, 0..domains, conns);
+    let populate_bare_ns = populate_bare(0..domains, conns);
     let probe: SharedProbe = Arc::new(Mutex::new(Probe::default()));
     let mut cfg = AgentConfig::default();
     if all_attrs {
@@ -361,6 +379,7 @@ pub fn run_scale(
         attributes: if all_attrs { "all" } else { "default" }.to_string(),
         collections,
         populate_ns_per_domain: populate_ns,
+        populate_bare_ns_per_domain: populate_bare_ns,
         churn_ns: median(&churn_ns),
         snapshot_rebuild_ms: median(&rebuild),
         collect_ms_p50: median(&collect),
