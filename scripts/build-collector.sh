@@ -19,19 +19,13 @@ MANIFEST=$ROOT/otel/builder-config.yaml
 OCB_VERSION=v0.165.0
 CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/otelcol
 
-log() { printf 'build-collector.sh: %s\n' "$*" >&2; }
+LOG_TAG=build-collector.sh
+# shellcheck source=scripts/lib-cache.sh
+source "$ROOT/scripts/lib-cache.sh"
 command -v go >/dev/null || { log "ERROR: go not found (the collector is built from the Go module proxy)"; exit 1; }
 
-FILTER=$ROOT/otel/vhafilterprocessor
-key=$( (cat "$MANIFEST"; find "$FILTER" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | LC_ALL=C sort | xargs cat
-    echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
-dir=$CACHE/$key
-bin=$dir/otelcol-vha
-if [[ -x $bin ]]; then
-    log "cached: $bin"
-else
-    mkdir -p "$CACHE"
-    t=$SECONDS
+build() {
+    local out=$1
     work=$(mktemp -d "$CACHE/build.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     log "installing ocb $OCB_VERSION"
@@ -45,12 +39,13 @@ else
         log "ERROR: ocb failed"
         exit 1
     }
-    mkdir -p "$dir.tmp"
-    cp "$work/out/otelcol-vha" "$dir.tmp/otelcol-vha"
-    rm -rf "$dir"
-    mv "$dir.tmp" "$dir"
-    log "built $bin in $((SECONDS - t))s"
-fi
+    cp "$work/out/otelcol-vha" "$out/otelcol-vha"
+}
+
+FILTER=$ROOT/otel/vhafilterprocessor
+key=$( (cat "$MANIFEST"; find "$FILTER" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | LC_ALL=C sort | xargs cat
+    echo "$OCB_VERSION"; go version) | sha256sum | cut -c1-16)
+bin=$(cached_build "$CACHE/$key" otelcol-vha build)
 if [[ ${1:-} == --validate ]]; then
     # The production profile's one setting without a default: a placeholder (validate sends nothing).
     PROMETHEUS_REMOTE_WRITE_AUTHORIZATION="Basic placeholder" \

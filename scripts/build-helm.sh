@@ -7,23 +7,17 @@ set -euo pipefail
 VERSION=${VHA_HELM_VERSION:-v3.22.0}
 CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/helm
 
-log() { printf 'build-helm.sh: %s\n' "$*" >&2; }
+LOG_TAG=build-helm.sh
+# shellcheck source=scripts/lib-cache.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-cache.sh"
 command -v go >/dev/null || { log "ERROR: go not found (Helm is built from the Go module proxy)"; exit 1; }
 
-key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
-dir=$CACHE/$VERSION-$key
-bin=$dir/helm
-if [[ -x $bin ]]; then
-    log "cached: $bin"
-else
-    mkdir -p "$CACHE"
-    t=$SECONDS
+build() {
     log "building helm $VERSION (cold: a few minutes)"
     # Helm's go.mod has no replace directives: go install pkg@version works.
-    GOBIN=$dir.tmp GOMODCACHE=$CACHE/gomod GOCACHE=$CACHE/gocache GOFLAGS=-buildvcs=false \
+    GOBIN=$1 GOMODCACHE=$CACHE/gomod GOCACHE=$CACHE/gocache GOFLAGS=-buildvcs=false \
         CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v3/cmd/helm@$VERSION" >&2
-    rm -rf "$dir"
-    mv "$dir.tmp" "$dir"
-    log "built $bin in $((SECONDS - t))s"
-fi
-printf '%s\n' "$bin"
+}
+
+key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
+cached_build "$CACHE/$VERSION-$key" helm build

@@ -11,17 +11,13 @@ set -euo pipefail
 VERSION=${VHA_PROMETHEUS_VERSION:-v0.316.0}
 CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/prometheus
 
-log() { printf 'build-prometheus.sh: %s\n' "$*" >&2; }
+LOG_TAG=build-prometheus.sh
+# shellcheck source=scripts/lib-cache.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-cache.sh"
 command -v go >/dev/null || { log "ERROR: go not found (Prometheus 3 is built from the Go module proxy)"; exit 1; }
 
-key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
-dir=$CACHE/$VERSION-$key
-bin=$dir/prometheus
-if [[ -x $bin ]]; then
-    log "cached: $bin"
-else
-    mkdir -p "$CACHE"
-    t=$SECONDS
+build() {
+    local out=$1 src
     work=$(mktemp -d "$CACHE/build.XXXXXX")
     trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
     log "downloading github.com/prometheus/prometheus@$VERSION"
@@ -36,10 +32,8 @@ else
         log "ERROR: go build failed"
         exit 1
     }
-    mkdir -p "$dir.tmp"
-    cp "$work/bin/prometheus" "$work/bin/promtool" "$dir.tmp/"
-    rm -rf "$dir"
-    mv "$dir.tmp" "$dir"
-    log "built $bin in $((SECONDS - t))s"
-fi
-printf '%s\n' "$bin"
+    cp "$work/bin/prometheus" "$work/bin/promtool" "$out/"
+}
+
+key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
+cached_build "$CACHE/$VERSION-$key" prometheus build
