@@ -167,6 +167,10 @@ impl Plan {
         if self.off.is_some() {
             return Ok(());
         }
+        if let Some(why) = &other.off {
+            // Confinement cannot be lifted from a running process.
+            return Err(format!("to run unconfined ({why})"));
+        }
         let under = |path: &PathBuf, allowed: &[&Vec<PathBuf>]| {
             allowed
                 .iter()
@@ -259,14 +263,21 @@ const SHARED_DIRS: &[&str] = &[
     "/", "/etc", "/usr", "/var", "/tmp", "/run", "/root", "/home", "/opt",
 ];
 
+/// The name of a directory that holds the agent's configuration and nothing else (the package's
+/// `/etc/virt-hypervisor-agent`, the DaemonSet's ConfigMap mount at the same path).
+const CONFIG_DIR_NAME: &str = "virt-hypervisor-agent";
+
 /// What to allow for reading the configuration file: its directory, so that a reload reads the
 /// file that an editor or a ConfigMap update put in its place (a new inode, which a rule on the
-/// old file would not cover), unless that directory is shared by the whole system or overlaps a
-/// directory that may only be listed (`listed`: the discovery roots, whose files are other pods').
+/// old file would not cover), when that directory is the agent's own: an absolute path named
+/// [`CONFIG_DIR_NAME`], neither containing nor lying under a directory that may only be listed
+/// (`listed`: the discovery roots, whose files are other pods'). Anywhere else (`/etc`,
+/// `/etc/kubernetes`, a home directory) only the file: its neighbours may be secrets.
 fn config_dir(file: &Path, listed: &[PathBuf]) -> PathBuf {
     match file.parent() {
         Some(dir)
-            if !dir.as_os_str().is_empty()
+            if dir.is_absolute()
+                && dir.file_name() == Some(std::ffi::OsStr::new(CONFIG_DIR_NAME))
                 && !SHARED_DIRS.iter().any(|d| dir == Path::new(d))
                 && !listed
                     .iter()
@@ -437,13 +448,27 @@ mod tests {
             PathBuf::from("/etc/virt-hypervisor-agent")
         );
         assert_eq!(dir("/etc/vha.yaml"), PathBuf::from("/etc/vha.yaml"));
+        assert_eq!(
+            dir("/etc/kubernetes/vha.yaml"),
+            PathBuf::from("/etc/kubernetes/vha.yaml"),
+            "a directory that is not the agent's own: only the file"
+        );
+        assert_eq!(
+            dir("/srv/x/virt-hypervisor-agent/agent.yaml"),
+            PathBuf::from("/srv/x/virt-hypervisor-agent")
+        );
+        assert_eq!(
+            dir("virt-hypervisor-agent/agent.yaml"),
+            PathBuf::from("virt-hypervisor-agent/agent.yaml"),
+            "a relative path: only the file"
+        );
         assert_eq!(dir("/tmp/vha.yaml"), PathBuf::from("/tmp/vha.yaml"));
         assert_eq!(dir("vha.yaml"), PathBuf::from("vha.yaml"));
         // Next to (or above, or below) the kubelet root: only the file, never other pods' files.
         assert_eq!(dir("/var/lib/vha.yaml"), PathBuf::from("/var/lib/vha.yaml"));
         assert_eq!(
-            dir("/var/lib/kubelet/vha/config.yaml"),
-            PathBuf::from("/var/lib/kubelet/vha/config.yaml")
+            dir("/var/lib/kubelet/virt-hypervisor-agent/config.yaml"),
+            PathBuf::from("/var/lib/kubelet/virt-hypervisor-agent/config.yaml")
         );
     }
 

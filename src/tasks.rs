@@ -3,7 +3,8 @@
 //!
 //! Every long-lived task of the agent (connections, discovery, the node checks, the health
 //! endpoint, the heartbeat) takes a [`StopSignal`]; its owner keeps the [`Stop`] and the task's
-//! handle, and waits for it with [`drain_by`].
+//! handle, and waits for it with [`drain_by`]. The one exception is the export task, which holds
+//! nothing to release: the agent aborts it, then flushes a last export itself.
 
 use std::time::Instant;
 

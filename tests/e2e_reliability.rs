@@ -1693,9 +1693,12 @@ fn reload_under_churn() {
     }
     let hosts: Vec<Host> = (0..DAEMONS).map(Host::Session).collect();
 
-    // The configuration file in its own directory (readable under Landlock), replaced atomically.
+    // The configuration file in the agent's own directory (readable under Landlock, as
+    // /etc/virt-hypervisor-agent is), replaced atomically.
     let config_dir = tempfile::tempdir().unwrap();
-    let config_path = config_dir.path().join("agent.yaml");
+    let own_dir = config_dir.path().join("virt-hypervisor-agent");
+    std::fs::create_dir(&own_dir).unwrap();
+    let config_path = own_dir.join("agent.yaml");
     let rx = Receiver::start().expect("start the OTLP receiver");
     let endpoint = rx.grpc_endpoint();
     let mut applied = ChurnConfig {

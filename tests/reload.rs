@@ -87,9 +87,13 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let a = node(dir.path(), "reload-a", 1);
-    let b = node(dir.path(), "reload-b", 2);
-    let config = dir.path().join("config.yaml");
+    // The agent's own directory, as /etc/virt-hypervisor-agent is: under Landlock, everything in
+    // it (a config file replaced, the test nodes) is readable at a reload.
+    let own = dir.path().join("virt-hypervisor-agent");
+    std::fs::create_dir(&own).unwrap();
+    let a = node(&own, "reload-a", 1);
+    let b = node(&own, "reload-b", 2);
+    let config = own.join("config.yaml");
     Setup {
         config,
         a,
@@ -200,7 +204,7 @@ fn under_landlock_a_reload_that_needs_another_port_is_refused() {
         agent.log_tail(20)
     );
 
-    // The same directory: the new file is readable; the new port is not allowed.
+    // The agent's directory: the new file is readable; the new port is not allowed.
     write_config(&s.config, &[&s.a, &s.b], &rx2.grpc_endpoint(), "");
     let mark = agent.log().len();
     hup(&agent);
@@ -217,6 +221,18 @@ fn under_landlock_a_reload_that_needs_another_port_is_refused() {
     assert!(
         rx2.requests().is_empty(),
         "nothing went to the refused endpoint"
+    );
+
+    // A file the confinement set at start does not cover: refused, naming it.
+    let outside = tempfile::tempdir().unwrap();
+    let c = node(outside.path(), "reload-c", 3);
+    write_config(&s.config, &[&s.a, &c], &rx1.grpc_endpoint(), "");
+    let mark = agent.log().len();
+    hup(&agent);
+    let log = wait_log(&agent, mark, "configuration not reloaded");
+    assert!(
+        log.contains(&format!("read access to {}", c.trim_start_matches("test://"))),
+        "{log}"
     );
 
     // Within what Landlock allows (the file replaced in the same directory), a reload applies.

@@ -54,6 +54,13 @@ impl Reloads {
     }
 }
 
+/// Export keys that only set when the export task exports (the transport stays as it is).
+const TIMING_KEYS: [&str; 3] = [
+    "export.interval",
+    "export.debounce",
+    "export.shutdown_timeout",
+];
+
 /// What a reload changes, decided from the running and the new configuration.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReloadPlan {
@@ -61,8 +68,13 @@ pub struct ReloadPlan {
     pub add: Vec<String>,
     /// URIs to drop (with their domains).
     pub remove: Vec<String>,
+    /// `libvirt.uris` changed (even when only their order did).
+    pub uris: bool,
     /// Export settings changed.
     pub export: bool,
+    /// Of those, settings of the transport (endpoint, protocol, headers, timeout, compression,
+    /// TLS): the transport is built anew, its TLS files read again.
+    pub transport: bool,
     /// Changed keys that take effect only at restart.
     pub at_restart: Vec<String>,
 }
@@ -72,6 +84,7 @@ impl ReloadPlan {
         let mut plan = ReloadPlan::default();
         for key in changed_keys(running, new) {
             if key == "libvirt.uris" {
+                plan.uris = true;
                 let (old, now) = (&running.libvirt.uris, &new.libvirt.uris);
                 plan.add = now.iter().filter(|u| !old.contains(u)).cloned().collect();
                 plan.remove = old.iter().filter(|u| !now.contains(u)).cloned().collect();
@@ -80,6 +93,7 @@ impl ReloadPlan {
                 .any(|k| key == *k || key.starts_with(&format!("{k}.")))
             {
                 plan.export = true;
+                plan.transport |= !TIMING_KEYS.contains(&key.as_str());
             } else {
                 plan.at_restart.push(key);
             }
@@ -95,7 +109,9 @@ impl ReloadPlan {
     /// export settings taken from `new`.
     pub fn applied(&self, running: &AgentConfig, new: &AgentConfig) -> AgentConfig {
         let mut cfg = running.clone();
-        cfg.libvirt.uris = new.libvirt.uris.clone();
+        if self.uris {
+            cfg.libvirt.uris = new.libvirt.uris.clone();
+        }
         if self.export {
             cfg.export = new.export.clone();
             cfg.export.exporter = running.export.exporter;
@@ -121,6 +137,17 @@ pub fn apply(
         return running.clone();
     }
     let applied = plan.applied(running, &new);
+    // The new file was valid on its own; what would run is a mix of it and the running
+    // configuration (discovery, say, keeps its running value), which must be valid too: no URI
+    // and discovery still off would leave the agent watching nothing.
+    if let Err(e) = applied.validate() {
+        tracing::error!(
+            "configuration not reloaded: with the keys that apply only at restart kept as they run, \
+             it would be invalid: {}; the running configuration is kept",
+            crate::logging::error_chain(&e)
+        );
+        return running.clone();
+    }
     if let Err(needs) = (reloads.allowed)(&applied) {
         tracing::error!(
             "configuration not reloaded: it needs {needs}, which the agent's Landlock confinement \
@@ -129,7 +156,7 @@ pub fn apply(
         return running.clone();
     }
     if plan.export {
-        if let Err(e) = exporter.reconfigure(&applied) {
+        if let Err(e) = exporter.reconfigure(&applied, plan.transport) {
             tracing::error!(
                 error = %crate::logging::error_chain(&e),
                 "configuration not reloaded: the new export settings do not work; the running configuration is kept"
@@ -185,6 +212,7 @@ mod tests {
         let plan = ReloadPlan::new(&old, &new);
         assert_eq!(plan.add, ["test:///c"]);
         assert_eq!(plan.remove, ["test:///a"]);
+        assert!(plan.uris);
         assert!(!plan.export);
         assert!(plan.at_restart.is_empty());
         assert_eq!(plan.applied(&old, &new).libvirt.uris, new.libvirt.uris);
@@ -201,8 +229,8 @@ mod tests {
         new.metric.attributes.uuid = true;
         new.libvirt.fetch_timeout = Duration::from_secs(9);
         let plan = ReloadPlan::new(&old, &new);
-        assert!(plan.export);
-        assert!(plan.add.is_empty() && plan.remove.is_empty());
+        assert!(plan.export && plan.transport);
+        assert!(plan.add.is_empty() && plan.remove.is_empty() && !plan.uris);
         assert_eq!(
             plan.at_restart,
             [
@@ -217,5 +245,33 @@ mod tests {
         assert_eq!(applied.export.exporter, old.export.exporter);
         assert_eq!(applied.metric, old.metric);
         assert_eq!(applied.libvirt.fetch_timeout, old.libvirt.fetch_timeout);
+    }
+
+    #[test]
+    fn timing_alone_keeps_the_transport() {
+        let old = with_uris(&["test:///a"]);
+        let mut new = old.clone();
+        new.export.interval = Some(Duration::from_secs(5));
+        new.export.debounce = Duration::from_millis(10);
+        let plan = ReloadPlan::new(&old, &new);
+        assert!(plan.export && !plan.transport);
+        new.export.headers.insert("x-tenant".into(), "t".into());
+        assert!(ReloadPlan::new(&old, &new).transport);
+    }
+
+    #[test]
+    fn what_would_run_is_what_is_validated() {
+        // The new file is valid (discovery on, no URI), but discovery only starts at a restart:
+        // applied, the agent would watch nothing.
+        let old = with_uris(&["test:///a"]);
+        let mut new = with_uris(&[]);
+        new.libvirt.discover.enabled = true;
+        assert!(new.validate().is_ok());
+        let plan = ReloadPlan::new(&old, &new);
+        assert_eq!(plan.remove, ["test:///a"]);
+        assert!(plan
+            .at_restart
+            .contains(&"libvirt.discover.enabled".to_string()));
+        assert!(plan.applied(&old, &new).validate().is_err());
     }
 }

@@ -298,6 +298,8 @@ impl Exporter {
                         "on change"
                     }
                 };
+                // Whatever this export carries is the complete picture an urgent push asked for.
+                store.take_urgent();
                 let started = Instant::now();
                 match pipe.export_once(true).await {
                     Ok(()) => {
@@ -320,14 +322,15 @@ impl Exporter {
         }))
     }
 
-    /// Apply a reloaded configuration's export settings (transport, TLS, headers, interval,
-    /// debounce) from the next export on, keeping the staleness markers owed; on an error
-    /// nothing changes. The exporter kind, the metric and the resource are fixed at start.
-    pub fn reconfigure(&self, cfg: &AgentConfig) -> Result<(), ExportError> {
+    /// Apply a reloaded configuration's export settings from the next export on, keeping the
+    /// staleness markers owed: the interval and debounce always, the transport (endpoint,
+    /// headers, TLS files read again) when `transport`. On an error nothing changes. The
+    /// exporter kind, the metric and the resource are fixed at start.
+    pub fn reconfigure(&self, cfg: &AgentConfig, transport: bool) -> Result<(), ExportError> {
         let Some(pipe) = &self.pipe else {
             return Ok(());
         };
-        if let SinkKind::Otlp(_) = &*pipe.sink.kind() {
+        if let (true, SinkKind::Otlp(_)) = (transport, &*pipe.sink.kind()) {
             let transport = otlp::Transport::build(&cfg.export)?;
             pipe.sink.swap(SinkKind::Otlp(Box::new(transport)));
         }
@@ -445,7 +448,10 @@ pub fn register_instruments(
         .i64_observable_gauge(cfg.metric.name.clone())
         .with_description("Hypervisor that runs each VM on this node: 1 per active domain, labelled kvm, qemu-tcg, mshv or unknown")
         .with_callback(move |obs| {
-            let (snap, conns) = (st.snapshot(), st.connections());
+            // Connections first: the owner drops a connection's domains before its entry, so
+            // every domain in the snapshot read after this finds its connection's attributes.
+            let conns = st.connections();
+            let snap = st.snapshot();
             let mut points = info_points.lock().unwrap_or_else(|p| p.into_inner());
             for attrs in points.refresh(snap, conns) {
                 obs.observe(1, attrs);
@@ -602,7 +608,9 @@ fn register_info_checks(
 ) {
     let (st, pts) = (store.clone(), Arc::clone(&points));
     let stats = move || {
-        let (snap, conns) = (st.snapshot(), st.connections());
+        // Connections first, as in the info gauge's callback.
+        let conns = st.connections();
+        let snap = st.snapshot();
         let mut points = pts.lock().unwrap_or_else(|p| p.into_inner());
         points.refresh(snap, conns).for_each(drop);
         points.stats()

@@ -3,8 +3,10 @@
 //!
 //! One door in, one signal out. Every change goes through an [`Owner`] method (`on_event`,
 //! `on_fetch`, `begin_resync`, `add`, `retire`, `forget`, and the connection-state setters),
-//! which applies it and, when what is exported changed, bumps the one change signal once. No one
-//! else locks the inventory. Readers hold a [`Store`]: [`Store::changed`] waits for the signal,
+//! which applies it and, when the inventory's exported state changed, bumps the one change signal
+//! once ([`Owner::touch`] does for a node capability). Connection-state figures (up, reconnects,
+//! last sync) push nothing themselves: the next export reads them. No one else locks the
+//! inventory. Readers hold a [`Store`]: [`Store::changed`] waits for the signal,
 //! [`Store::snapshot`] and [`Store::connections`] return shared `Arc` copies.
 //!
 //! Snapshots are lazy: a change only bumps a version, and the first reader after it builds the
@@ -63,7 +65,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The one door through which the agent's state changes. Cloned into every task that writes
-/// (connections, the registry, discovery, the node checks); every clone is the same owner.
+/// (connection tasks, the registry, the agent's loop, the node checks); every clone is the same
+/// owner.
 #[derive(Clone, Debug)]
 pub struct Owner {
     core: Arc<Core>,
@@ -260,11 +263,12 @@ pub struct Store {
 }
 
 impl Clone for Store {
-    /// A clone has its own view of the signal (it sees changes made after it was cloned).
+    /// A clone starts where this store is: a change this store has not seen yet, the clone has
+    /// not seen either.
     fn clone(&self) -> Self {
         Self {
             core: Arc::clone(&self.core),
-            signal: self.core.signal.subscribe(),
+            signal: self.signal.clone(),
         }
     }
 }

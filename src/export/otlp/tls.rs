@@ -15,12 +15,21 @@ use tonic::transport::{ClientTlsConfig, Identity};
 use crate::export::ExportError;
 
 /// TLS files read and checked; see the module documentation.
-#[derive(Debug)]
 pub(super) struct TlsFiles {
     roots: rustls::RootCertStore,
     /// The client certificate and key files as read: tonic takes an identity only as PEM.
     identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     config: rustls::ClientConfig,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    /// Never the client key (nor the certificate's bytes): only what is there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("roots", &self.roots.len())
+            .field("client_identity", &self.identity_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A TLS file's error, with its path.
