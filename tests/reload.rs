@@ -231,7 +231,10 @@ fn under_landlock_a_reload_that_needs_another_port_is_refused() {
     hup(&agent);
     let log = wait_log(&agent, mark, "configuration not reloaded");
     assert!(
-        log.contains(&format!("read access to {}", c.trim_start_matches("test://"))),
+        log.contains(&format!(
+            "read access to {}",
+            c.trim_start_matches("test://")
+        )),
         "{log}"
     );
 
