@@ -265,7 +265,7 @@ fn run(
             None => Ok(()),
         }),
     };
-    let result = rt.block_on(agent::run_with_reloads(cfg, signals(load, tx), reloads));
+    let result = rt.block_on(agent::run(cfg, signals(load, tx), reloads));
     // The agent finished within its shutdown deadline; blocking threads still stuck on a hung
     // daemon must not hold the exit hostage.
     rt.shutdown_background();

@@ -64,17 +64,9 @@ pub fn wants(cfg: &AgentConfig) -> Wants {
     }
 }
 
-/// Run the daemon until `shutdown` resolves, then stop everything within the configured
-/// deadline, flushing a last export.
+/// Run the daemon until `shutdown` resolves, applying every configuration received on `reloads`
+/// (see [`reload`]), then stop everything within the configured deadline, flushing a last export.
 pub async fn run(
-    cfg: AgentConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
-    Agent::new(cfg)?.run(shutdown).await
-}
-
-/// [`run`], applying every configuration received on `reloads` (see [`reload`]).
-pub async fn run_with_reloads(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
     reloads: reload::Reloads,

@@ -21,7 +21,6 @@
 pub mod connections;
 pub mod telemetry;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -303,14 +302,6 @@ impl Store {
     /// until then).
     pub fn connections(&self) -> Arc<ConnTable> {
         lock(&self.core.conns).shared()
-    }
-
-    /// The `connection` label of every connection, by id.
-    pub fn labels(&self) -> BTreeMap<ConnId, String> {
-        self.connections()
-            .iter()
-            .map(|(id, m)| (*id, m.label.to_string()))
-            .collect()
     }
 
     /// The agent-wide counters.
