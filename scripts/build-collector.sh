@@ -22,7 +22,7 @@ CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/otelcol
 LOG_TAG=build-collector.sh
 # shellcheck source=scripts/lib-cache.sh
 source "$ROOT/scripts/lib-cache.sh"
-command -v go >/dev/null || { log "ERROR: go not found (the collector is built from the Go module proxy)"; exit 1; }
+need_go "the collector"
 
 build() {
     local out=$1

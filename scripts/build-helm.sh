@@ -10,7 +10,7 @@ CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/helm
 LOG_TAG=build-helm.sh
 # shellcheck source=scripts/lib-cache.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib-cache.sh"
-command -v go >/dev/null || { log "ERROR: go not found (Helm is built from the Go module proxy)"; exit 1; }
+need_go Helm
 
 build() {
     log "building helm $VERSION (cold: a few minutes)"
@@ -19,5 +19,4 @@ build() {
         CGO_ENABLED=0 go install -trimpath "helm.sh/helm/v3/cmd/helm@$VERSION" >&2
 }
 
-key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
-cached_build "$CACHE/$VERSION-$key" helm build
+cached_build "$CACHE/$VERSION-$(go_key "$VERSION")" helm build

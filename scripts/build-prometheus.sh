@@ -14,7 +14,7 @@ CACHE=${VHA_CACHE_DIR:-/var/cache/virt-hypervisor-agent-ci}/prometheus
 LOG_TAG=build-prometheus.sh
 # shellcheck source=scripts/lib-cache.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib-cache.sh"
-command -v go >/dev/null || { log "ERROR: go not found (Prometheus 3 is built from the Go module proxy)"; exit 1; }
+need_go "Prometheus 3"
 
 build() {
     local out=$1 src
@@ -35,5 +35,4 @@ build() {
     cp "$work/bin/prometheus" "$work/bin/promtool" "$out/"
 }
 
-key=$(printf '%s %s' "$VERSION" "$(go version)" | sha256sum | cut -c1-16)
-cached_build "$CACHE/$VERSION-$key" prometheus build
+cached_build "$CACHE/$VERSION-$(go_key "$VERSION")" prometheus build

@@ -8,6 +8,14 @@
 
 log() { printf '%s: %s\n' "${LOG_TAG:-build}" "$*" >&2; }
 
+# need_go WHAT: stop with an error naming WHAT when there is no Go toolchain.
+need_go() {
+    command -v go >/dev/null || { log "ERROR: go not found ($1 is built from the Go module proxy)"; exit 1; }
+}
+
+# go_key VERSION: a short cache key for VERSION built with this Go toolchain.
+go_key() { printf '%s %s' "$1" "$(go version)" | sha256sum | cut -c1-16; }
+
 cached_build() {
     local dir=$1 name=$2 build=$3 t
     if [[ -x $dir/$name ]]; then
